@@ -1,0 +1,198 @@
+"""Lookup-table quantization: k-means tables, custom tables, and reading tables back.
+
+k-means here is 1-D and deterministic. Millions of float32 weights are first reduced to a fine histogram
+(exact per-bin sums, so bin means are exact); Lloyd's algorithm then runs on the weighted bins from a
+Panter-Dite start (centroid density proportional to the cube root of the value density, the
+high-resolution optimum), and a final assignment of the raw values to the nearest table entry and one
+exact mean update finish it. This reaches the exact 1-D optimum's MSE within a fraction of a percent at a
+small fraction of scikit-learn KMeans' time, with no random state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_KEY_BITS = 16  # bins: sign, exponent and 7 mantissa bits of float32 (widths about 0.4 % of the value)
+_DP_BINS = 1 << 14  # the exact dynamic programme runs on at most this many (merged) bins
+_MAX_ITER = 1000
+
+
+def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2**nbits float32 table and uint8 codes minimising squared error for 1-D `values`."""
+    w = np.ascontiguousarray(values, dtype=np.float32).ravel()
+    k = 1 << nbits
+    keys = _orderable_keys(w)
+    counts = np.bincount(keys, minlength=1 << _KEY_BITS)
+    used = np.flatnonzero(counts)
+    if used.size <= k:  # few distinct bins: cluster the distinct values themselves, exactly
+        distinct, inverse, n = np.unique(w, return_inverse=True, return_counts=True)
+        centroids = distinct.astype(np.float64)
+        if distinct.size > k:
+            centroids = _optimal_1d(centroids, n.astype(np.float64), centroids * n, k)
+        return _table_and_codes(w, centroids, k)
+    sums = np.bincount(keys, weights=w, minlength=1 << _KEY_BITS)[used]
+    n = counts[used].astype(np.float64)
+    centres = sums / n
+    centroids = _optimal_1d(*_merge_bins(used, centres, n, sums), k)
+    centroids = _lloyd(centres, n, sums, centroids)
+    # One exact update on the raw values (bins only approximate them), then the final assignment.
+    codes = _codes_via_bins(w, keys, used, centres, centroids)
+    m = np.bincount(codes, minlength=centroids.size)
+    s = np.bincount(codes, weights=w, minlength=centroids.size)
+    centroids = np.sort(np.where(m > 0, s / np.maximum(m, 1), centroids))
+    table = np.zeros(k, dtype=np.float32)
+    c32 = np.unique(centroids.astype(np.float32))
+    table[: c32.size] = c32
+    return table, _codes_via_bins(w, keys, used, centres, c32)
+
+
+def _orderable_keys(w: np.ndarray) -> np.ndarray:
+    """float32 -> integer bin keys in value order (negative values bit-flipped), top _KEY_BITS bits."""
+    bits = w.view(np.uint32)
+    keys = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
+    return (keys >> np.uint32(32 - _KEY_BITS)).astype(np.intp)
+
+
+def _codes_via_bins(w, keys, used, centres, table):
+    """Nearest-entry codes for all values: per bin, except bins a decision boundary falls into."""
+    t = np.asarray(table, dtype=np.float64)
+    mids = (t[1:] + t[:-1]) / 2
+    per_bin = np.zeros(1 << _KEY_BITS, dtype=np.uint8)
+    per_bin[used] = np.searchsorted(mids, centres).astype(np.uint8)
+    codes = per_bin[keys]
+    straddled = np.zeros(1 << _KEY_BITS, dtype=bool)
+    boundary_keys = _orderable_keys(mids.astype(np.float32))
+    for offset in (-1, 0, 1):  # float32 rounding of a midpoint may land in a neighbouring bin
+        straddled[np.clip(boundary_keys + offset, 0, (1 << _KEY_BITS) - 1)] = True
+    exact = np.flatnonzero(straddled[keys])
+    codes[exact] = np.searchsorted(mids, w[exact].astype(np.float64)).astype(np.uint8)
+    return codes
+
+
+def _merge_bins(keys: np.ndarray, centres, counts, sums):
+    """Merge neighbouring bins (dropping low key bits) until at most _DP_BINS remain."""
+    shift = 0
+    while np.unique(keys >> shift).size > _DP_BINS:
+        shift += 1
+    if shift == 0:
+        return centres, counts, sums
+    _, group = np.unique(keys >> shift, return_inverse=True)
+    n = np.bincount(group, weights=counts)
+    s = np.bincount(group, weights=sums)
+    return s / n, n, s
+
+
+def _optimal_1d(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:
+    """Exact k-means of sorted weighted points by dynamic programming.
+
+    cost(a, b) of one cluster over points [a, b) comes from prefix sums in O(1); the best split point is
+    monotone in b, so each of the k layers is solved by divide and conquer, one recursion level at a time
+    for all segments together (numpy over arrays, about log2(n) steps per layer).
+    """
+    m = centres.size
+    k = min(k, m)
+    cn = np.concatenate(([0.0], np.cumsum(counts)))
+    cs = np.concatenate(([0.0], np.cumsum(sums)))
+    cq = np.concatenate(([0.0], np.cumsum(sums * centres)))
+
+    def cost(a, b):
+        n = cn[b] - cn[a]
+        s = cs[b] - cs[a]
+        return (cq[b] - cq[a]) - s * s / np.where(n > 0, n, 1.0)
+
+    ends = np.arange(m + 1)
+    prev = cost(np.zeros(m + 1, dtype=np.int64), ends)
+    prev[0] = 0.0
+    splits = np.zeros((k, m + 1), dtype=np.int64)
+    for layer in range(1, k):
+        cur = np.full(m + 1, np.inf)
+        lo, hi = np.array([layer + 1]), np.array([m])
+        olo, ohi = np.array([layer]), np.array([m - 1])
+        while lo.size:
+            mid = (lo + hi) // 2
+            top = np.minimum(ohi, mid - 1)
+            length = top - olo + 1
+            seg = np.repeat(np.arange(mid.size), length)
+            start = np.concatenate(([0], np.cumsum(length)[:-1]))
+            cand = olo[seg] + np.arange(seg.size) - start[seg]
+            val = prev[cand] + cost(cand, mid[seg])
+            best_val = np.minimum.reduceat(val, start)
+            first = np.flatnonzero(val == best_val[seg])
+            seg_first, pos = np.unique(seg[first], return_index=True)
+            best = cand[first[pos]]
+            cur[mid] = best_val
+            splits[layer, mid] = best
+            left = lo <= mid - 1
+            right = mid + 1 <= hi
+            lo, hi, olo, ohi = (
+                np.concatenate((lo[left], mid[right] + 1)),
+                np.concatenate((mid[left] - 1, hi[right])),
+                np.concatenate((olo[left], best[right])),
+                np.concatenate((best[left], ohi[right])),
+            )
+        prev = cur
+    edges = [m]
+    for layer in range(k - 1, 0, -1):
+        edges.append(int(splits[layer, edges[-1]]))
+    edges = np.array(edges[::-1] + [], dtype=np.int64)
+    edges = np.concatenate(([0], edges))
+    n = cn[edges[1:]] - cn[edges[:-1]]
+    return (cs[edges[1:]] - cs[edges[:-1]]) / n
+
+
+def _lloyd(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Lloyd's algorithm on sorted weighted points; clusters are runs, so a step costs O(k log n)."""
+    cum_n = np.concatenate(([0.0], np.cumsum(counts)))
+    cum_s = np.concatenate(([0.0], np.cumsum(sums)))
+    for _ in range(_MAX_ITER):
+        edges = np.concatenate(([0], np.searchsorted(centres, (c[1:] + c[:-1]) / 2), [centres.size]))
+        n = cum_n[edges[1:]] - cum_n[edges[:-1]]
+        if (n == 0).any():  # a cluster emptied: keep the previous table rather than lose an entry
+            return c
+        new = (cum_s[edges[1:]] - cum_s[edges[:-1]]) / n
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
+
+
+def _table_and_codes(w, centroids, k):
+    table = np.zeros(k, dtype=np.float32)
+    c32 = np.unique(centroids.astype(np.float32))
+    table[: c32.size] = c32
+    codes = nearest_codes(w, c32)
+    return table, codes
+
+
+def nearest_codes(values: np.ndarray, sorted_table: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry of an ascending table, for every value (ties go to the lower entry)."""
+    t = np.asarray(sorted_table, dtype=np.float64)
+    if t.size == 1:
+        return np.zeros(np.size(values), dtype=np.uint8)
+    return np.searchsorted((t[1:] + t[:-1]) / 2, np.asarray(values, dtype=np.float64).ravel(), side="left").astype(np.uint8)
+
+
+def check_custom_lut(result, nbits: int, count: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate what a custom `(nbits, weights) -> (lut, quantized_indices)` function returned."""
+    try:
+        lut, codes = result
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: custom LUT function must return (lut, quantized_indices)") from None
+    lut = np.asarray(lut, dtype=np.float64).ravel()
+    codes = np.asarray(codes).ravel()
+    k = 1 << nbits
+    if lut.size > k:
+        raise ValueError(f"{where}: custom LUT has {lut.size} entries, at most 2**nbits = {k} allowed")
+    if codes.size != count:
+        raise ValueError(f"{where}: custom LUT function returned {codes.size} indices for {count} weights")
+    if codes.size and (codes.min() < 0 or codes.max() >= k or not np.all(np.equal(np.mod(codes, 1), 0))):
+        raise ValueError(f"{where}: custom LUT indices must be integers in 0..{k - 1}")
+    if not np.all(np.isfinite(lut)):
+        raise ValueError(f"{where}: custom LUT contains NaN or Inf")
+    table = np.zeros(k, dtype=np.float32)
+    table[: lut.size] = lut.astype(np.float32)
+    return table, codes.astype(np.uint8)
+
+
+def dequantize_lut(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return np.asarray(table, dtype=np.float32)[codes]
