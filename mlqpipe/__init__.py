@@ -1,0 +1,40 @@
+"""mlqpipe: declarative, cached, reproducible weight quantization for Core ML neural-network models.
+
+The public API is loaded lazily so `import mlqpipe` (and the CLI) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "quantize_weights": "mlqpipe.compat",
+    "QuantizedLayerSelector": "mlqpipe.compat",
+    "AdvancedQuantizedLayerSelector": "mlqpipe.compat",
+    "MatrixMultiplyLayerSelector": "mlqpipe.compat",
+    "load_model": "mlqpipe.coreml.model",
+    "CoreMLModel": "mlqpipe.coreml.model",
+    "inventory": "mlqpipe.coreml.inventory",
+    "WeightRecord": "mlqpipe.coreml.inventory",
+    "MlqpipeError": "mlqpipe.errors",
+    "ModelError": "mlqpipe.errors",
+    "CheckError": "mlqpipe.errors",
+    "RecipeError": "mlqpipe.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlqpipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

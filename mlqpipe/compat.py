@@ -1,0 +1,199 @@
+"""coremltools-compatible API: `quantize_weights` and the layer selectors, without coremltools.
+
+Same arguments and, wherever coremltools 9.0 is right, the same bytes. Where it raises or writes an
+invalid or wrong model, this does the correct thing instead (see README, "Differences from coremltools").
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .coreml.fold import fold_model
+from .coreml.inventory import WeightRecord, layer_records
+from .coreml.layers import nested_networks
+from .coreml.model import CoreMLModel, load_model, neural_networks
+from .coreml.version import raise_versions
+from .errors import ModelError
+from .modes import ModeSettings, apply_mode, canonical_mode, check_settings
+from .quant.linear import COREMLTOOLS_MIN_SCALE
+
+_CT_MODES = {
+    "linear": "linear",
+    "linear_symmetric": "linear_symmetric",
+    "linear_lut": "linear_lut",
+    "kmeans_lut": "kmeans_lut",
+    "kmeans": "kmeans_lut",
+    "custom_lut": "custom_lut",
+    "dequantization": "dequantize",
+}
+_QUANTIZABLE = {
+    "convolution", "innerProduct", "embedding", "embeddingND", "batchnorm", "scale", "bias", "loadConstant",
+    "loadConstantND", "simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM", "batchedMatmul",
+    "depthwiseConv", "loop", "branch",
+}  # fmt: skip
+
+
+class QuantizedLayerSelector:
+    """Selects every layer type coremltools quantizes; subclass and override `do_quantize` to customise."""
+
+    def __init__(self):
+        self.quantizable_layer_types = set(_QUANTIZABLE)
+
+    def do_quantize(self, layer, **kwargs) -> bool:
+        return layer.WhichOneof("layer") in self.quantizable_layer_types
+
+
+class AdvancedQuantizedLayerSelector(QuantizedLayerSelector):
+    """coremltools' selector: skip layer types, and small convolutions (weights only).
+
+    Reproduced exactly, including coremltools' quirk that every non-convolution layer type is treated like
+    innerProduct (its test `layer_type == "innerProduct" or "batchedMatmul"` is always true), so `"bias"` in
+    skip_layer_types also skips biases of innerProduct and batchedMatmul, and nothing else.
+    """
+
+    def __init__(self, skip_layer_types=(), minimum_conv_kernel_channels=4, minimum_conv_weight_count=4096):
+        super().__init__()
+        invalid = [t for t in skip_layer_types if t not in self.quantizable_layer_types]
+        if invalid:
+            raise ValueError(
+                f"Skip quantization layer types ({','.join(invalid)}) is not supported. "
+                f"Supported: {', '.join(sorted(self.quantizable_layer_types))}"
+            )
+        self.skip_layer_types = list(skip_layer_types)
+        self.minimum_conv_kernel_channels = minimum_conv_kernel_channels
+        self.minimum_conv_weight_count = minimum_conv_weight_count
+
+    def do_quantize(self, layer, weight_param=None) -> bool:
+        if not super().do_quantize(layer):
+            return False
+        kind = layer.WhichOneof("layer")
+        if kind in self.skip_layer_types:
+            return False
+        if weight_param not in (None, "weights", "bias"):
+            raise ValueError(f"Unrecognized quantization weight field {weight_param}")
+        if weight_param == "bias":
+            return "bias" not in self.skip_layer_types
+        if kind == "convolution":
+            c = layer.convolution
+            kc, groups = int(c.kernelChannels), int(c.nGroups)
+            count = int(c.outputChannels) * kc * int(c.kernelSize[0]) * int(c.kernelSize[1])
+            if "depthwiseConv" in self.skip_layer_types and kc == 1 and groups > 1:
+                return False
+            if kc < self.minimum_conv_kernel_channels or count < self.minimum_conv_weight_count:
+                return False
+        return True
+
+
+class MatrixMultiplyLayerSelector(QuantizedLayerSelector):
+    """coremltools' selector for innerProduct / batchedMatmul by weight count, channels and names.
+
+    `include_layers_with_names` works here (coremltools 9.0 raises AttributeError when it is given).
+    """
+
+    def __init__(
+        self,
+        minimum_weight_count=1,
+        minimum_input_channels=1,
+        minimum_output_channels=1,
+        maximum_input_channels=None,
+        maximum_output_channels=None,
+        include_layers_with_names=None,
+    ):
+        super().__init__()
+        names = [] if include_layers_with_names is None else include_layers_with_names
+        if not (isinstance(names, (list, tuple)) and all(isinstance(s, str) for s in names)):
+            raise ValueError("Property 'include_layers_with_names' must be a list/tuple of str objects")
+        self.minimum_weight_count = minimum_weight_count
+        self.minimum_input_channels = minimum_input_channels
+        self.minimum_output_channels = minimum_output_channels
+        self.maximum_input_channels = maximum_input_channels
+        self.maximum_output_channels = maximum_output_channels
+        self.include_layers_with_names = list(names)
+
+    def do_quantize(self, layer, weight_param=None) -> bool:
+        if not super().do_quantize(layer):
+            return False
+        kind = layer.WhichOneof("layer")
+        if kind in ("loop", "branch"):
+            return True
+        if kind not in ("innerProduct", "batchedMatmul"):
+            return False
+        if weight_param == "bias":
+            return True
+        if weight_param not in (None, "weights"):
+            raise ValueError(f"Unrecognized quantization weight field {weight_param}")
+        if kind == "innerProduct":
+            ic, oc = int(layer.innerProduct.inputChannels), int(layer.innerProduct.outputChannels)
+        else:
+            ic = int(layer.batchedMatmul.weightMatrixFirstDimension)
+            oc = int(layer.batchedMatmul.weightMatrixSecondDimension)
+        return not (
+            ic * oc < self.minimum_weight_count
+            or ic < self.minimum_input_channels
+            or oc < self.minimum_output_channels
+            or (self.maximum_input_channels and ic > self.maximum_input_channels)
+            or (self.maximum_output_channels and oc > self.maximum_output_channels)
+            or (self.include_layers_with_names and layer.name not in self.include_layers_with_names)
+        )
+
+
+def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: str = "linear", sample_data=None, **kwargs) -> CoreMLModel:
+    """Quantize a neural-network model the way coremltools' `quantize_weights` does (see module doc).
+
+    `full_precision_model`: a path, bytes, CoreMLModel, protobuf spec or coremltools MLModel (never modified).
+    kwargs: `selector` (a QuantizedLayerSelector, ours or coremltools'), `lut_function` for custom_lut.
+    Returns a new CoreMLModel; `sample_data` is ignored (use recipes' evaluation and gates instead).
+    """
+    mode = _CT_MODES.get(quantization_mode)
+    if mode is None:
+        raise ModelError(f"Invalid quantization mode {quantization_mode!r}; choose one of {', '.join(_CT_MODES)}")
+    unknown = set(kwargs) - {"selector", "lut_function"}
+    if unknown:
+        raise TypeError(f"quantize_weights() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if mode != "dequantize" and nbits == 16:
+        mode = "fp16"
+    check_settings(mode, nbits)
+    model = load_model(full_precision_model)
+    selector = kwargs.get("selector") or QuantizedLayerSelector()
+    settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE)
+    if not any(True for _ in neural_networks(model.spec)):
+        raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
+    if mode not in ("fp16", "dequantize"):
+        fold_model(model.spec)
+    chosen = select_like_coremltools(model.spec, selector)
+    for rec in chosen:
+        if rec.updatable:
+            warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)")
+            continue
+        apply_mode(rec, settings)
+    raise_versions(model.spec, "fp16" if mode == "fp16" else "quantized")
+    return model
+
+
+def select_like_coremltools(spec, selector) -> list[WeightRecord]:
+    """The blobs coremltools' quantize_weights would touch with this selector, in its order."""
+    chosen: list[WeightRecord] = []
+    for model_path, model_spec, nn in neural_networks(spec):
+        _select_network(nn, selector, chosen, model_path, "", model_spec)
+    return chosen
+
+
+def _select_network(network, selector, chosen, model_path, net_path, model_spec) -> None:
+    for layer in network.layers:
+        kind = layer.WhichOneof("layer")
+        if not selector.do_quantize(layer):
+            continue
+        for name, sub in nested_networks(layer):
+            _select_network(sub, selector, chosen, model_path, f"{net_path}{layer.name}.{name}/", model_spec)
+        for rec in layer_records(model_path, net_path, network, layer, model_spec):
+            if not rec.coremltools:
+                continue
+            if rec.field == "bias" and kind in ("convolution", "innerProduct", "batchedMatmul"):
+                if not selector.do_quantize(layer, weight_param="bias"):
+                    continue
+            chosen.append(rec)
+
+
+def canonical(mode: str) -> str:
+    return canonical_mode(_CT_MODES.get(mode, mode))

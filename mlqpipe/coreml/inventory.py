@@ -1,0 +1,132 @@
+"""The weight inventory: one record per WeightParams anywhere in a model.
+
+Selection, plans, reports and `inspect` all work from these records. A record keeps a reference to its
+protobuf objects, so the engine can rewrite the blob it describes; everything else about it is plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import ModelError
+from .layers import Slot, layer_type, nested_networks, weight_slots
+from .model import neural_networks
+from .weights import Storage, read_values, storage_of
+
+
+@dataclass
+class WeightRecord:
+    model_path: str  # "" or "models[1]/" inside pipelines
+    network_path: str  # "" or "loop_1.bodyNetwork/" for nested networks
+    layer: str
+    layer_type: str
+    field: str
+    slot_path: str
+    shape: tuple[int, ...] | None
+    axis: int | None
+    count: int
+    storage: Storage
+    updatable: bool
+    coremltools: bool
+    is_bias: bool
+    in_channels: int | None
+    out_channels: int | None
+    groups: int
+    depthwise: bool
+    layer_msg: Any = field(repr=False, compare=False, default=None)
+    wp: Any = field(repr=False, compare=False, default=None)
+    network_msg: Any = field(repr=False, compare=False, default=None)
+    model_spec: Any = field(repr=False, compare=False, default=None)
+
+    @property
+    def id(self) -> str:
+        """Unique, stable name: `[models[i]/][layer.subnetwork/]layer:slot`."""
+        return f"{self.model_path}{self.network_path}{self.layer}:{self.slot_path}"
+
+    @property
+    def where(self) -> str:
+        return f"layer '{self.layer}' ({self.layer_type}) field {self.slot_path}" + (
+            f" in {self.model_path}{self.network_path}".rstrip("/") if self.model_path or self.network_path else ""
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data as currently stored (parameters of quantized blobs included)."""
+        wp = self.wp
+        q = wp.quantization
+        extra = 4 * (len(q.linearQuantization.scale) + len(q.linearQuantization.bias) + len(q.lookupTableQuantization.floatValue))
+        return len(wp.floatValue) + len(wp.float16Value) + len(wp.rawValue) + len(wp.int8RawValue) + extra
+
+    def values(self) -> np.ndarray:
+        """The blob's numbers as float32 in its logical shape (dequantized when stored quantized)."""
+        flat = read_values(self.wp, self.count, self.where, shape=self.shape, axis=self.axis, groups=self.groups)
+        return flat.reshape(self.shape) if self.shape and flat.size == prod(self.shape) else flat
+
+    def float_values(self) -> np.ndarray:
+        """Like `values`, but refuses NaN or Inf with an error naming the layer."""
+        v = self.values()
+        if not np.all(np.isfinite(v)):
+            bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+            raise ModelError(f"{self.where}: {bad} NaN or Inf weight value(s); fix the source model before quantizing")
+        return v
+
+
+def iter_layers(network, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(network path, network, layer) for every layer, descending into branch and loop sub-networks."""
+    for layer in network.layers:
+        yield prefix, network, layer
+        for name, sub in nested_networks(layer):
+            yield from iter_layers(sub, f"{prefix}{layer.name}.{name}/")
+
+
+def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
+    """Every weight blob of every neural network in `spec` (a Model message)."""
+    records = []
+    for model_path, model_spec, nn in neural_networks(spec):
+        for net_path, network, layer in iter_layers(nn):
+            records += layer_records(model_path, net_path, network, layer, model_spec, include_empty=include_empty)
+    return records
+
+
+def layer_records(model_path, net_path, network, layer, model_spec, *, include_empty=False) -> list[WeightRecord]:
+    """The records of one layer's blobs (empty ones only when asked)."""
+    records = []
+    for slot in weight_slots(layer):
+        st = storage_of(slot.wp)
+        if st.kind != "empty" or include_empty:
+            records.append(_record(model_path, net_path, network, layer, slot, st, model_spec))
+    return records
+
+
+def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model_spec) -> WeightRecord:
+    count = prod(slot.shape) if slot.shape is not None else st.count
+    kind = layer_type(layer)
+    # coremltools' definition (AdvancedQuantizedLayerSelector): one kernel channel, several groups
+    depthwise = kind == "convolution" and int(layer.convolution.kernelChannels) == 1 and slot.groups > 1
+    return WeightRecord(
+        model_path=model_path,
+        network_path=net_path,
+        layer=layer.name,
+        layer_type=kind,
+        field=slot.field,
+        slot_path=slot.path,
+        shape=slot.shape if slot.shape is not None else (count,),
+        axis=slot.axis,
+        count=count,
+        storage=st,
+        updatable=bool(layer.isUpdatable or slot.wp.isUpdatable),
+        coremltools=slot.coremltools,
+        is_bias=slot.is_bias,
+        in_channels=slot.in_channels,
+        out_channels=slot.out_channels,
+        groups=slot.groups,
+        depthwise=depthwise,
+        layer_msg=layer,
+        wp=slot.wp,
+        network_msg=network,
+        model_spec=model_spec,
+    )

@@ -1,0 +1,184 @@
+"""Loading and saving Core ML model specs without coremltools.
+
+`load_model` accepts whatever users hold — a path, bytes, our model, a coremltools spec or MLModel (anything
+with `SerializeToString()` or `get_spec()`) — and always returns a fresh copy, so an input is never
+modified. `CoreMLModel.save` checks the model against Core ML's loading rules, then writes it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from google.protobuf.message import DecodeError
+
+from ..errors import ModelError
+from . import proto
+
+NN_TYPES = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
+PIPELINE_TYPES = ("pipeline", "pipelineClassifier", "pipelineRegressor")
+_LFS_MAGIC = b"version https://git-lfs"
+_MAX_PROTO = 2**31 - 1
+
+
+class CoreMLModel:
+    """A Core ML model spec (our message classes) plus where it came from."""
+
+    def __init__(self, spec, source: str = "<model>"):
+        self.spec = spec
+        self.source = source
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf name users already call
+        return self.spec.SerializeToString()
+
+    def get_spec(self):
+        return self.spec
+
+    def copy(self) -> "CoreMLModel":
+        return CoreMLModel(proto.Model.FromString(self.spec.SerializeToString()), self.source)
+
+    def save(self, path: str | os.PathLike, *, check: bool = True) -> None:
+        """Check the model against Core ML's loading rules, then write it atomically."""
+        if check:
+            from .check import raise_on_errors
+
+            raise_on_errors(self.spec, where=os.fspath(path))
+        atomic_write(path, self.SerializeToString())
+
+    @property
+    def model_type(self) -> str | None:
+        return self.spec.WhichOneof("Type")
+
+    def __repr__(self) -> str:
+        return f"CoreMLModel({self.source!r}, type={self.model_type}, specificationVersion={self.spec.specificationVersion})"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_model(model: Any, *, name: str | None = None) -> CoreMLModel:
+    """A fresh CoreMLModel from a path, bytes, CoreMLModel, protobuf spec or coremltools MLModel."""
+    if isinstance(model, CoreMLModel):
+        return model.copy()
+    if isinstance(model, (str, os.PathLike)):
+        return parse_model(_read_file(Path(model)), os.fspath(model))
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return parse_model(bytes(model), name or "<bytes>")
+    if hasattr(model, "get_spec") and callable(model.get_spec):
+        spec = model.get_spec()
+        return parse_model(spec.SerializeToString(), name or getattr(model, "package_path", None) or "<MLModel>")
+    if hasattr(model, "SerializeToString"):
+        return parse_model(model.SerializeToString(), name or "<spec>")
+    raise ModelError(
+        f"cannot read a model from {type(model).__name__}: pass a path, bytes, a Core ML spec or an MLModel"
+    )
+
+
+def _read_file(path: Path) -> bytes:
+    if path.is_dir():
+        if path.suffix == ".mlpackage":
+            raise ModelError(
+                f"{path}: an .mlpackage holds an ML program, which mlqpipe does not handle; "
+                "use coremltools.optimize.coreml for ML programs"
+            )
+        raise ModelError(f"{path}: is a directory, not a .mlmodel file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such model file") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    return data
+
+
+def parse_model(data: bytes, where: str) -> CoreMLModel:
+    """Parse and sanity-check serialized Model bytes."""
+    if not data:
+        raise ModelError(f"{where}: empty file; expected a Core ML .mlmodel")
+    if data.startswith(_LFS_MAGIC):
+        raise ModelError(f"{where}: is a Git LFS pointer, not the model itself; run `git lfs pull` first")
+    if len(data) > _MAX_PROTO:
+        raise ModelError(f"{where}: {len(data)} bytes exceeds protobuf's 2 GB message limit")
+    try:
+        spec = proto.Model.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(f"{where}: not a valid Core ML model (protobuf parse failed: {e}); is the file corrupt?") from None
+    model = CoreMLModel(spec, where)
+    _check_supported(spec, where)
+    return model
+
+
+def _check_supported(spec, where: str, path: str = "") -> None:
+    kind = spec.WhichOneof("Type")
+    at = f" (at {path})" if path else ""
+    if kind is None:
+        raise ModelError(f"{where}: not a Core ML model (no model type found{at}); is the file corrupt or of another format?")
+    if kind == "mlProgram":
+        raise ModelError(
+            f"{where}: is an ML program{at}; mlqpipe handles neuralNetwork models only — "
+            "use coremltools.optimize.coreml for ML programs"
+        )
+    if kind in PIPELINE_TYPES:
+        for i, sub in enumerate(pipeline_of(spec).models):
+            _check_supported(sub, where, f"{path}models[{i}]/")
+
+
+def pipeline_of(spec):
+    kind = spec.WhichOneof("Type")
+    return spec.pipeline if kind == "pipeline" else getattr(spec, kind).pipeline
+
+
+def neural_networks(spec, path: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(model path, model spec, neural-network message) for every neural network, pipelines included."""
+    kind = spec.WhichOneof("Type")
+    if kind in NN_TYPES:
+        yield path, spec, getattr(spec, kind)
+    elif kind in PIPELINE_TYPES:
+        for i, sub in enumerate(pipeline_of(spec).models):
+            yield from neural_networks(sub, f"{path}models[{i}]/")
+
+
+def output_names(spec) -> set[str]:
+    """Names of the model's declared outputs (read from the opaque description)."""
+    desc = _Description.FromString(spec.description) if spec.HasField("description") else None
+    names = {f.name for f in desc.output} if desc else set()
+    if spec.WhichOneof("Type") in PIPELINE_TYPES:
+        for sub in pipeline_of(spec).models:
+            names |= output_names(sub)
+    return names
+
+
+def _description_class():
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="mlqpipe_description.proto", package="mlqpipe.desc", syntax="proto2")
+    feature = fdp.message_type.add(name="Feature")
+    feature.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    desc = fdp.message_type.add(name="Description")
+    for name, number in (("input", 1), ("output", 10)):
+        desc.field.add(name=name, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED, type_name=".mlqpipe.desc.Feature")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlqpipe.desc.Description"))
+
+
+_Description = _description_class()

@@ -1,0 +1,25 @@
+"""Specification versions: the minimum Core ML version a model's contents need.
+
+Values are Core ML's own: 2 (iOS 11.2) introduced float16 weights, 3 (iOS 12) quantized weights.
+"""
+
+from __future__ import annotations
+
+from .model import PIPELINE_TYPES, NN_TYPES, pipeline_of
+
+FP16_SPEC_VERSION = 2
+QUANTIZED_SPEC_VERSION = 3
+
+
+def raise_versions(spec, change: str) -> None:
+    """Raise every neural network's version for an fp16 or quantized change, as coremltools does, and
+    make each pipeline's version at least its sub-models' (coremltools forgets the outer one)."""
+    floor = FP16_SPEC_VERSION if change == "fp16" else QUANTIZED_SPEC_VERSION
+    kind = spec.WhichOneof("Type")
+    if kind in NN_TYPES:
+        spec.specificationVersion = max(floor, spec.specificationVersion)
+    elif kind in PIPELINE_TYPES:
+        subs = pipeline_of(spec).models
+        for sub in subs:
+            raise_versions(sub, change)
+        spec.specificationVersion = max([spec.specificationVersion] + [s.specificationVersion for s in subs])
