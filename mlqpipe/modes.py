@@ -113,7 +113,8 @@ def channel_rows(w: np.ndarray, axis: int | None):
 
 
 def to_float16(values: np.ndarray, where: str) -> np.ndarray:
-    half = np.asarray(values, dtype=np.float32).astype(np.float16)
+    with np.errstate(over="ignore"):
+        half = np.asarray(values, dtype=np.float32).astype(np.float16)
     if not np.all(np.isfinite(half)):
         worst = float(np.max(np.abs(values)))
         raise ModelError(

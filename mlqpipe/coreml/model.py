@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import ModelError
 from . import proto
+from .description import read_description
 
 NN_TYPES = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
 PIPELINE_TYPES = ("pipeline", "pipelineClassifier", "pipelineRegressor")
@@ -158,27 +159,8 @@ def neural_networks(spec, path: str = "") -> Iterator[tuple[str, Any, Any]]:
 
 def output_names(spec) -> set[str]:
     """Names of the model's declared outputs (read from the opaque description)."""
-    desc = _Description.FromString(spec.description) if spec.HasField("description") else None
-    names = {f.name for f in desc.output} if desc else set()
+    names = {f.name for f in read_description(spec).output}
     if spec.WhichOneof("Type") in PIPELINE_TYPES:
         for sub in pipeline_of(spec).models:
             names |= output_names(sub)
     return names
-
-
-def _description_class():
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="mlqpipe_description.proto", package="mlqpipe.desc", syntax="proto2")
-    feature = fdp.message_type.add(name="Feature")
-    feature.field.add(name="name", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    desc = fdp.message_type.add(name="Description")
-    for name, number in (("input", 1), ("output", 10)):
-        desc.field.add(name=name, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED, type_name=".mlqpipe.desc.Feature")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlqpipe.desc.Description"))
-
-
-_Description = _description_class()

@@ -406,12 +406,12 @@ def _layer_lines() -> str:
     return "\n".join(f"    {e[0]} {e[1]} {e[2] if len(e) > 2 else 'bytes'}" for e in entries)
 
 
-def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
+def _file_descriptor(schema: str, package: str) -> descriptor_pb2.FileDescriptorProto:
     F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="mlqpipe_coreml.proto", package=_PACKAGE, syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
     msg = None
     oneof_index = None
-    for raw in _SCHEMA.replace("@LAYERS", _layer_lines().strip()).splitlines():
+    for raw in schema.splitlines():
         line = raw.strip()
         if not line:
             continue
@@ -435,7 +435,7 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
                 field.options.packed = True
         else:
             field.type = F.TYPE_MESSAGE
-            field.type_name = f".{_PACKAGE}.{type_name}"
+            field.type_name = f".{package}.{type_name}"
         if indent >= 4 and oneof_index is not None:
             field.oneof_index = oneof_index
         else:
@@ -443,14 +443,15 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     return fdp
 
 
-def _build() -> dict:
+def build_messages(schema: str, package: str) -> dict:
+    """Message classes for a schema written in the small format above, in a private descriptor pool."""
     pool = descriptor_pool.DescriptorPool()
-    file_desc = pool.Add(_file_descriptor())
-    file_desc = pool.FindFileByName("mlqpipe_coreml.proto")
+    pool.Add(_file_descriptor(schema, package))
+    file_desc = pool.FindFileByName(f"{package}.proto")
     return {name: message_factory.GetMessageClass(d) for name, d in file_desc.message_types_by_name.items()}
 
 
-_CLASSES = _build()
+_CLASSES = build_messages(_SCHEMA.replace("@LAYERS", _layer_lines().strip()), _PACKAGE)
 Model = _CLASSES["Model"]
 NeuralNetwork = _CLASSES["NeuralNetwork"]
 NeuralNetworkLayer = _CLASSES["NeuralNetworkLayer"]

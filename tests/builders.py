@@ -1,0 +1,72 @@
+"""Tiny model builders on mlqpipe's own message classes (no coremltools needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlqpipe.coreml import proto
+
+_rng = np.random.default_rng(1234)
+
+
+def weights(*shape, seed=None, scale=0.1) -> np.ndarray:
+    rng = np.random.default_rng(seed) if seed is not None else _rng
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def set_float(wp, values, dtype="<f4"):
+    if dtype == "<f2":
+        wp.float16Value = np.asarray(values, dtype="<f2").tobytes()
+    else:
+        wp.floatValue = np.asarray(values, dtype="<f4").tobytes()
+
+
+def model(kind="neuralNetwork", version=1):
+    m = proto.Model(specificationVersion=version)
+    getattr(m, kind).SetInParent()
+    return m
+
+
+def network(m):
+    return getattr(m, m.WhichOneof("Type"))
+
+
+def add_inner_product(nn, name, inp, out, ic, oc, bias=True, dtype="<f4", seed=None):
+    layer = nn.layers.add(name=name, input=[inp], output=[out])
+    p = layer.innerProduct
+    p.inputChannels, p.outputChannels = ic, oc
+    set_float(p.weights, weights(oc, ic, seed=seed), dtype)
+    if bias:
+        p.hasBias = True
+        set_float(p.bias, weights(oc, seed=seed), dtype)
+    return layer
+
+
+def add_conv(nn, name, inp, out, oc, kc, k=3, groups=1, bias=True, deconv=False, dtype="<f4", seed=None):
+    layer = nn.layers.add(name=name, input=[inp], output=[out])
+    c = layer.convolution
+    c.outputChannels, c.kernelChannels, c.nGroups = oc, kc, groups
+    c.kernelSize.extend([k, k])
+    c.valid = b""
+    c.isDeconvolution = deconv
+    shape = (kc, oc // groups, k, k) if deconv else (oc, kc, k, k)
+    set_float(c.weights, weights(*shape, seed=seed), dtype)
+    if bias:
+        c.hasBias = True
+        set_float(c.bias, weights(oc, seed=seed), dtype)
+    return layer
+
+
+def add_activation(nn, name, inp, out):
+    layer = nn.layers.add(name=name, input=[inp], output=[out])
+    layer.activation.ReLU = b""
+    return layer
+
+
+def small_model(dtype="<f4") -> "proto.Model":
+    m = model()
+    nn = network(m)
+    add_conv(nn, "conv1", "x", "c1", oc=8, kc=4, seed=1, dtype=dtype)
+    add_activation(nn, "relu1", "c1", "r1")
+    add_inner_product(nn, "dense", "r1", "y", ic=32, oc=10, seed=2, dtype=dtype)
+    return m
