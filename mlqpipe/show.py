@@ -1,0 +1,87 @@
+"""Terminal and JSON output for `mlqpipe inspect` and `mlqpipe check`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .coreml.inventory import WeightRecord, inventory
+from .coreml.model import load_model
+from .errors import ModelError
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "-"
+
+
+def inventory_rows(records: list[WeightRecord]) -> list[dict]:
+    return [
+        {
+            "id": r.id,
+            "layer": r.layer,
+            "type": r.layer_type,
+            "field": r.slot_path,
+            "shape": list(r.shape) if r.shape else None,
+            "count": r.count,
+            "storage": str(r.storage),
+            "bytes": r.nbytes,
+            "updatable": r.updatable,
+        }
+        for r in records
+    ]
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain fixed-width table: columns are (key, heading)."""
+    cells = [[h for _, h in columns]] + [[str(row[k]) for k, _ in columns] for row in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def print_inventory(path: str, as_json: bool = False) -> int:
+    model = load_model(path)
+    rows = inventory_rows(inventory(model.spec))
+    if as_json:
+        json.dump({"model": path, "type": model.model_type, "specificationVersion": model.spec.specificationVersion,
+                   "weights": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{path}: {model.model_type}, specificationVersion {model.spec.specificationVersion}, "
+          f"{len(rows)} weight blobs, {sum(r['bytes'] for r in rows)} bytes of weights")
+    for row in rows:
+        row["shape"] = _shape(row["shape"])
+        row["updatable"] = "updatable" if row["updatable"] else ""
+    print(table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("storage", "storage"),
+                       ("bytes", "bytes"), ("updatable", "")]))
+    return 0
+
+
+def print_check(paths: list[str], as_json: bool = False, verbose: int = 0) -> int:
+    """Exit 0 when clean (warnings allowed), 1 with any error finding, 2 when a file cannot be read."""
+    from .coreml.check import check_spec
+
+    results, status = [], 0
+    for path in paths:
+        try:
+            findings = check_spec(load_model(path).spec)
+        except ModelError as e:
+            results.append({"model": path, "readable": False, "error": str(e), "findings": []})
+            status = 2
+            continue
+        results.append({"model": path, "readable": True, "findings": [f.as_dict() for f in findings]})
+        if any(f.severity == "error" for f in findings) and status == 0:
+            status = 1
+    if as_json:
+        json.dump({"results": results}, sys.stdout, indent=2)
+        print()
+        return status
+    for res in results:
+        if not res["readable"]:
+            print(f"mlqpipe: error: {res['error']}", file=sys.stderr)
+            continue
+        errors = sum(f["severity"] == "error" for f in res["findings"])
+        warnings = len(res["findings"]) - errors
+        for f in res["findings"]:
+            print(f"{res['model']}: {f['severity']}: {f['where']}: {f['message']} [{f['rule']}]")
+        print(f"{res['model']}: {'OK' if not errors else 'FAILED'} ({errors} errors, {warnings} warnings)")
+    return status
