@@ -156,7 +156,7 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     check_settings(mode, nbits)
     model = load_model(full_precision_model)
     selector = kwargs.get("selector") or QuantizedLayerSelector()
-    settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE)
+    settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE, True)
     if not any(True for _ in neural_networks(model.spec)):
         raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
     if mode not in ("fp16", "dequantize"):

@@ -28,6 +28,9 @@ class ModeSettings:
     nbits: int = 8
     lut_function: Callable | None = None
     min_scale: float = EXACT_MIN_SCALE
+    # coremltools leaves an empty `quantization {}` behind when it dequantizes; the compatibility API
+    # reproduces that for byte equality (Core ML ignores it next to floatValue)
+    keep_empty_quantization: bool = False
 
 
 def canonical_mode(mode: str) -> str:
@@ -57,6 +60,8 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
         if st.kind == "float32":
             return False
         write_float32(rec.wp, rec.float_values().ravel())
+        if settings.keep_empty_quantization and st.kind in ("linear", "lut"):
+            rec.wp.quantization.SetInParent()
         return True
     if st.is_quantized:
         raise ModelError(

@@ -110,7 +110,13 @@ def _dequantize(wp, st: Storage, count: int, where: str, shape, axis, groups) ->
 
 
 def _apply_channel_params(codes, scale, bias, shape, axis, groups, where) -> np.ndarray:
-    """codes * scale + bias with one scale per output channel (or one for all)."""
+    """codes * scale + bias with one scale per output channel (or one for all).
+
+    Computed in float64 and rounded once to float32, as coremltools' dequantization does."""
+    return _affine(codes.astype(np.float64), scale.astype(np.float64), bias.astype(np.float64), shape, axis, groups, where).astype(np.float32)
+
+
+def _affine(codes, scale, bias, shape, axis, groups, where) -> np.ndarray:
     if scale.size == 0:
         raise ModelError(f"{where}: linear quantization without scale")
     if bias.size not in (0, scale.size):

@@ -1,0 +1,119 @@
+"""The validated recipe as typed, immutable objects; nothing downstream touches raw YAML data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int | None = None
+    max: int | None = None
+
+    def contains(self, value: int | None) -> bool:
+        if value is None:
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+@dataclass(frozen=True)
+class CoremltoolsSelector:
+    """coremltools' selector settings, for rules that reproduce a quantize_weights call exactly."""
+
+    type: str  # default | advanced | matrix_multiply
+    settings: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    layer: tuple[str, ...] = ()
+    layer_regex: tuple[str, ...] = ()
+    layer_type: tuple[str, ...] = ()
+    field: tuple[str, ...] = ()
+    network: tuple[str, ...] = ()
+    count: Range | None = None
+    in_channels: Range | None = None
+    out_channels: Range | None = None
+    kernel_channels: Range | None = None
+    layer_weight_count: Range | None = None
+    depthwise: bool | None = None
+    storage: tuple[str, ...] = ()
+    coremltools_selector: CoremltoolsSelector | None = None
+    python: str | None = None
+    exclude: bool = False
+    optional: bool = False
+    min_snr_db: float | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    mode: str
+    nbits: int | None = None
+    rules: tuple[str, ...] = ()
+    function: str | None = None
+    fold: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.mode}{f' {self.nbits}-bit' if self.nbits else ''})"
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_snr_db: float | None = None
+    max_size_bytes: int | None = None
+    min_compression: float | None = None
+    min_top1_agreement: float | None = None
+    max_output_error: float | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    data: Path | None = None
+    inputs: tuple[tuple[str, str], ...] = ()
+    labels: str | None = None
+    random_inputs: int | None = None
+    allow_unevaluated: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    formats: tuple[str, ...] = ("json", "markdown")
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One input model of a recipe with everything that applies to it resolved."""
+
+    input: Path
+    output: Path
+    stages: tuple[Stage, ...]
+    gates: Gates
+    evaluation: Evaluation | None
+    entry: int  # index in the recipe's models list
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    files: tuple[Path, ...]  # the recipe and every file it extends
+    rules: tuple[Rule, ...]
+    stages: tuple[Stage, ...]
+    models: tuple[ModelJob, ...]
+    report: Report
+    gates: Gates
+    python_path: tuple[Path, ...]
+    document: dict = field(compare=False, repr=False, default_factory=dict)  # the merged document, for digests
+    locations: dict = field(compare=False, repr=False, default_factory=dict)  # path -> (file, line, col)
+
+    def rule(self, name: str) -> Rule:
+        return next(r for r in self.rules if r.name == name)
+
+    def where(self, *path) -> str:
+        file, line, col = self.locations.get(tuple(path), (str(self.path), 0, 0))
+        return f"{file}:{line}:{col}" if line else file
