@@ -173,7 +173,9 @@ def _check_quantized(rec: WeightRecord) -> list[Finding]:
     lq = q.linearQuantization
     scale = np.asarray(lq.scale, dtype=np.float32)
     bias = np.asarray(lq.bias, dtype=np.float32)
-    allowed = sorted({1, rec.out_channels} if rec.axis is not None and rec.out_channels else {1})
+    # Core ML (hasValidQuantizationParams): 1 scale, or one per output channel; a 1-D blob's "channels"
+    # are its values
+    allowed = sorted({1, rec.out_channels} if rec.axis is not None and rec.out_channels else {1, rec.count})
     if scale.size not in allowed:
         out.append(_f(rec, "scale-count", f"{scale.size} linear scales; Core ML needs {' or '.join(map(str, allowed))}"))
     if bias.size not in (0, scale.size):
