@@ -1,0 +1,39 @@
+"""Properties of the engine on generated models (hypothesis)."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+import mlqpipe
+from mlqpipe.coreml.check import check_spec
+from tests.builders import add_conv, add_inner_product, model, network
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 24), st.integers(1, 8), st.sampled_from(["<f4", "<f2"]), st.integers(0, 2**31))
+def test_linear_error_at_most_half_a_step_per_channel(ic, oc, nbits, dtype, seed):
+    m = model()
+    add_inner_product(network(m), "ip", "x", "y", ic, oc, dtype=dtype, seed=seed)
+    before = {r.field: r.values() for r in mlqpipe.inventory(m)}
+    q = mlqpipe.quantize_weights(m, nbits, "linear")
+    assert check_spec(q.spec) == []
+    for r in mlqpipe.inventory(q.spec):
+        lq = r.wp.quantization.linearQuantization
+        scale = np.array(lq.scale, np.float32).reshape(-1, 1)
+        got = r.values().reshape(len(scale), -1)
+        want = before[r.field].reshape(len(scale), -1)
+        assert np.all(np.abs(got - want) <= scale / 2 + 1e-6 * (np.abs(want).max() + 1e-30)), r.id
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.booleans(), st.integers(1, 8), st.integers(0, 2**31))
+def test_deconvolution_quantize_dequantize_round_trip(groups, per_group, bias, nbits, seed):
+    m = model()
+    add_conv(network(m), "d", "x", "y", oc=groups * per_group, kc=groups * 2, k=2, groups=groups, bias=bias, deconv=True, seed=seed)
+    before = {r.field: r.values() for r in mlqpipe.inventory(m)}
+    q = mlqpipe.quantize_weights(m, nbits, "linear")
+    assert check_spec(q.spec) == []
+    d = mlqpipe.quantize_weights(q, None, "dequantization")
+    for r in mlqpipe.inventory(d.spec):
+        w = before[r.field]
+        step = max(float(np.ptp(w)), 1e-30) / (2**nbits - 1)
+        assert np.abs(r.values() - w).max() <= step / 2 + 1e-6, r.id
