@@ -107,6 +107,7 @@ def _compare(data, nbits, mode, **kw):
     theirs = M.ct_quantize(data, nbits, mode, **kw)
     ours = mlqpipe.quantize_weights(data, nbits, mode, **kw)
     assert check_spec(ours.spec) == []
+    assert check_spec(mlqpipe.load_model(theirs).spec) == []  # coremltools' output is valid here too
     return theirs, ours
 
 
@@ -314,3 +315,38 @@ def test_input_spec_object_is_not_modified():
     before = spec.SerializeToString()
     mlqpipe.quantize_weights(spec, 4, "linear")
     assert spec.SerializeToString() == before
+
+
+def test_mixed_float16_and_float32_layers():
+    """Create ML style: some layers float16, others float32. The float32 layer's bytes match coremltools;
+    the float16 layer, which coremltools skips, is quantized too."""
+    m = M.base()
+    M.inner(M.nn(m), "half", "x", "a", ic=12, oc=6, seed=700, fp16=True)
+    M.inner(M.nn(m), "full", "a", "y", ic=6, oc=4, seed=701)
+    data = m.SerializeToString()
+    theirs = M.ct_quantize(data, 4, "linear")
+    ours = M.proto().Model.FromString(mlqpipe.quantize_weights(data, 4, "linear").SerializeToString())
+    assert ours.neuralNetwork.layers[1].SerializeToString(deterministic=True) == theirs.neuralNetwork.layers[1].SerializeToString(deterministic=True)
+    assert len(theirs.neuralNetwork.layers[0].innerProduct.weights.float16Value)  # skipped by coremltools
+    assert ours.neuralNetwork.layers[0].innerProduct.weights.quantization.numberOfBits == 4
+
+
+def test_fold_into_float16_layer_writes_one_storage_field():
+    """coremltools' scale fold leaves float16Value beside the new floatValue (two storage fields, an
+    invalid model that our check catches); ours writes float32 only."""
+    m = M.base()
+    net = M.nn(m)
+    M.conv(net, "conv", "x", "c", oc=4, kc=2, k=1, seed=800, fp16=True)
+    sc = net.layers.add(name="s", input=["c"], output=["y"]).scale
+    sc.shapeScale.append(4)
+    sc.scale.float16Value = np.array([1.5, 2.0, 0.5, -1.0], "<f2").tobytes()
+    sc.hasBias = True
+    sc.shapeBias.append(4)
+    sc.bias.float16Value = np.array([0.1, 0.2, 0.3, 0.4], "<f2").tobytes()
+    data = m.SerializeToString()
+    theirs = M.ct_quantize(data, 8, "linear")
+    findings = check_spec(mlqpipe.load_model(theirs).spec)
+    assert "one-storage-field" in {f.rule for f in findings}
+    ours = mlqpipe.quantize_weights(data, 8, "linear")
+    assert check_spec(ours.spec) == []
+    assert [l.name for l in ours.spec.neuralNetwork.layers] == ["conv"]
