@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 from .coreml.fold import fold_model
-from .coreml.inventory import WeightRecord, layer_records
+from .coreml.inventory import WeightRecord, inventory, layer_records
 from .coreml.layers import nested_networks
 from .coreml.model import CoreMLModel, load_model, neural_networks
 from .coreml.version import raise_versions
@@ -142,7 +142,8 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     """Quantize a neural-network model the way coremltools' `quantize_weights` does (see module doc).
 
     `full_precision_model`: a path, bytes, CoreMLModel, protobuf spec or coremltools MLModel (never modified).
-    kwargs: `selector` (a QuantizedLayerSelector, ours or coremltools'), `lut_function` for custom_lut.
+    kwargs: `selector` (a QuantizedLayerSelector, ours or coremltools', or a callable(WeightRecord) -> bool),
+    `lut_function` for custom_lut.
     Returns a new CoreMLModel; `sample_data` is ignored (use recipes' evaluation and gates instead).
     """
     mode = _CT_MODES.get(quantization_mode)
@@ -172,7 +173,16 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
 
 
 def select_like_coremltools(spec, selector) -> list[WeightRecord]:
-    """The blobs coremltools' quantize_weights would touch with this selector, in its order."""
+    """The blobs coremltools' quantize_weights would touch with this selector, in its order.
+
+    `selector` is a QuantizedLayerSelector (ours, coremltools', or a subclass: `do_quantize(layer, ...)`),
+    or mlqpipe's own selector interface: any callable taking a WeightRecord and returning True to quantize
+    it (recipe rules implement this one; it may pick any weight, not only those coremltools handles).
+    """
+    if not hasattr(selector, "do_quantize"):
+        if not callable(selector):
+            raise TypeError("selector must have do_quantize(layer, ...) or be a callable(weight_record) -> bool")
+        return [rec for rec in inventory(spec) if selector(rec)]
     chosen: list[WeightRecord] = []
     for model_path, model_spec, nn in neural_networks(spec):
         _select_network(nn, selector, chosen, model_path, "", model_spec)

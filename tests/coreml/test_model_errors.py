@@ -106,3 +106,14 @@ def test_fp16_overflow_refused():
     network(m).layers[2].innerProduct.weights.floatValue = w.tobytes()
     with pytest.raises(ModelError, match=r"'dense'.*do not fit float16"):
         quantize_weights(m, 16)
+
+
+def test_record_predicate_selector():
+    """mlqpipe's own selector interface: a callable on weight records."""
+    q = quantize_weights(small_model(), 4, selector=lambda rec: rec.layer == "dense" and rec.field == "weights")
+    from mlqpipe import inventory
+
+    stored = {r.id: str(r.storage) for r in inventory(q.spec)}
+    assert stored == {"conv1:weights": "float32", "conv1:bias": "float32", "dense:weights": "linear4", "dense:bias": "float32"}
+    with pytest.raises(TypeError, match="selector must have do_quantize"):
+        quantize_weights(small_model(), 4, selector=42)
