@@ -114,8 +114,7 @@ def _check_blob(layer, rec: WeightRecord) -> list[Finding]:
     if len(fields) > 1:
         return [_f(rec, "one-storage-field", f"{' and '.join(fields)} are all set; exactly one storage field may hold data")]
     if not fields:
-        expected = _expected(layer, rec)
-        if expected and rec.count:
+        if rec.expected and rec.count:
             out.append(_f(rec, "missing-data", f"the layer's parameters say it holds {rec.count} values, but it is empty"))
         return out
     if not rec.count:
@@ -135,15 +134,6 @@ def _check_blob(layer, rec: WeightRecord) -> list[Finding]:
     if st.kind == "int8":
         return out + _check_int8(layer, rec)
     return out + _check_quantized(rec)
-
-
-def _expected(layer, rec: WeightRecord) -> bool:
-    from .layers import weight_slots
-
-    for slot in weight_slots(layer):
-        if slot.path == rec.slot_path:
-            return slot.expected
-    return False
 
 
 def _shape(rec: WeightRecord) -> str:

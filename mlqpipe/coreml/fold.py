@@ -193,7 +193,7 @@ def _float32_rest(layer) -> None:
             write_float32(slot.wp, _values(slot))
 
 
-def _layer_bias(layer, oc: int):
+def _layer_bias(layer):
     params = getattr(layer, layer_type(layer))
     return _values(_slots(layer)["bias"]) if params.hasBias else None
 
@@ -203,7 +203,7 @@ def _fold_scale(first, second) -> None:
     oc = _channels(first)
     s = _values(_slots(second)["scale"])
     sb = _values(_slots(second)["bias"]) if sc.hasBias else None
-    lb = _layer_bias(first, oc)
+    lb = _layer_bias(first)
     new_w = _scale_weights(first, s)
     write_float32(getattr(first, layer_type(first)).weights, new_w)
     if lb is not None:
@@ -217,7 +217,7 @@ def _fold_scale(first, second) -> None:
 def _fold_bias(first, second) -> None:
     oc = _channels(first)
     bb = _values(_slots(second)["bias"])
-    lb = _layer_bias(first, oc)
+    lb = _layer_bias(first)
     _set_bias(first, np.broadcast_to(lb + bb if lb is not None else bb, (oc,)))
     _float32_rest(first)
 
@@ -227,7 +227,7 @@ def _fold_batchnorm(first, second) -> None:
     p = {f: _values(s).astype(np.float64) for f, s in _slots(second).items()}
     oc = _channels(first)
     factor = p["gamma"] / np.sqrt(p["variance"] + np.float64(bn.epsilon))
-    lb = _layer_bias(first, oc)
+    lb = _layer_bias(first)
     lb = np.zeros(oc) if lb is None else lb.astype(np.float64)
     w = _values(_slots(first)["weights"]).astype(np.float64)
     conv = first.convolution

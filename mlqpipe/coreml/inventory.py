@@ -33,6 +33,7 @@ class WeightRecord:
     updatable: bool
     coremltools: bool
     is_bias: bool
+    expected: bool  # the layer's flags (hasBias, ...) say this blob holds data
     in_channels: int | None
     out_channels: int | None
     groups: int
@@ -121,6 +122,7 @@ def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model
         updatable=bool(layer.isUpdatable or slot.wp.isUpdatable),
         coremltools=slot.coremltools,
         is_bias=slot.is_bias,
+        expected=slot.expected,
         in_channels=slot.in_channels,
         out_channels=slot.out_channels,
         groups=slot.groups,
