@@ -21,6 +21,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="say more (repeat for more)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    s = sub.add_parser("validate", help="check recipes: schema, files, rules, custom code; all problems at once")
+    s.add_argument("recipes", nargs="+", metavar="RECIPE")
+    s.set_defaults(run=lambda a: _commands().validate(a.recipes, a.verbose))
+
+    s = sub.add_parser("plan", help="show what a recipe will do to every weight, and the sizes before/after")
+    s.add_argument("recipe", metavar="RECIPE")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(run=lambda a: _commands().plan(a.recipe, a.json, a.verbose))
+
+    s = sub.add_parser("quantize", help="run recipes directly (no doit, no cache) and write their outputs")
+    s.add_argument("recipes", nargs="+", metavar="RECIPE")
+    s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
+    s.set_defaults(run=lambda a: _commands().quantize(a.recipes, not a.no_custom_code, a.verbose))
+
+    s = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+    s.set_defaults(run=_schema)
+
     s = sub.add_parser("inspect", help="list every weight blob of a .mlmodel (layer, field, shape, storage)")
     s.add_argument("model", help="path to a .mlmodel")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -53,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _commands():
+    from . import commands
+
+    return commands
+
+
+def _schema(args) -> int:
+    from .schema import schema_text
+
+    sys.stdout.write(schema_text())
+    return EXIT_OK
 
 
 def _inspect(args) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inventory import iter_layers
-from .layers import layer_type, weight_slots
+from .layers import layer_type, nested_networks, weight_slots
 from .model import neural_networks, output_names
 from .weights import read_values, storage_of, write_float32
 
@@ -32,21 +32,21 @@ class Fold:
     kind: str  # "batchnorm", "scale" or "bias"
 
 
-def fold_model(spec) -> list[Fold]:
-    """Fold every foldable pair in every neural network of `spec` (in place); returns what was folded."""
+ALL_KINDS = ("batchnorm", "scale", "bias")
+
+
+def fold_model(spec, kinds=ALL_KINDS) -> list[Fold]:
+    """Fold every foldable pair in every neural network of `spec` (in place); returns what was folded.
+
+    `kinds` limits which layer types are folded away (batchnorm, scale, bias)."""
     folds: list[Fold] = []
     protected = output_names(spec)
     for model_path, _, nn in neural_networks(spec):
         uses = _blob_uses(nn)
-        for net_path, network in [("", nn)] + [(p + l.name, n) for p, _, l in iter_layers(nn) for n in _subnets(l)]:
-            folds += fold_network(network, protected, uses, f"{model_path}{net_path}")
+        networks = [("", nn)] + [(f"{p}{l.name}.{name}/", n) for p, _, l in iter_layers(nn) for name, n in nested_networks(l)]
+        for net_path, network in networks:
+            folds += fold_network(network, protected, uses, f"{model_path}{net_path}", tuple(kinds))
     return folds
-
-
-def _subnets(layer):
-    from .layers import nested_networks
-
-    return [net for _, net in nested_networks(layer)]
 
 
 def _blob_uses(nn) -> Counter:
@@ -57,11 +57,11 @@ def _blob_uses(nn) -> Counter:
     return uses
 
 
-def fold_network(network, protected: set[str], uses: Counter, where: str = "") -> list[Fold]:
+def fold_network(network, protected: set[str], uses: Counter, where: str = "", kinds=ALL_KINDS) -> list[Fold]:
     """coremltools' folding loop: find the first foldable pair, fold it, start again."""
     folds = []
     while True:
-        found = _next_fold(network.layers, protected, uses)
+        found = _next_fold(network.layers, protected, uses, kinds)
         if found is None:
             return folds
         first, second, kind = found
@@ -74,7 +74,7 @@ def fold_network(network, protected: set[str], uses: Counter, where: str = "") -
         del layers[second]
 
 
-def _next_fold(layers, protected, uses):
+def _next_fold(layers, protected, uses, kinds=ALL_KINDS):
     consumers, producers = _graph(layers)
     kinds = [layer_type(l) for l in layers]
     batchnorms = {i for i, k in enumerate(kinds) if k == "batchnorm" and not layers[i].batchnorm.instanceNormalization}
@@ -95,7 +95,7 @@ def _next_fold(layers, protected, uses):
             target = kinds[j]
             if target == "batchnorm" and j not in batchnorms:
                 continue
-            if target in targets:
+            if target in targets and target in kinds:
                 fold_kind = f"{producer_kind}+{target}"
                 if _safe(layers[i], layers[j], fold_kind, protected, uses):
                     return i, j, fold_kind

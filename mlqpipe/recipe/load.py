@@ -7,6 +7,7 @@ import glob
 import os
 import re
 import string
+from dataclasses import replace
 from pathlib import Path
 
 from .custom import find_code
@@ -256,6 +257,7 @@ def _stage(i, raw, doc, problems, rule_names, python_path) -> Stage:
         rules=tuple(raw.get("rules", ())),
         function=raw.get("function"),
         fold=tuple(raw.get("fold", ("batchnorm", "scale", "bias") if mode == "fold" else ())),
+        coremltools_rounding=bool(raw.get("coremltools_rounding", False)),
     )
 
 
@@ -311,7 +313,7 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
                 problems.append(doc.problem(at + ("stages", s.name, "nbits"), f"stage '{s.name}' ({s.mode}) takes no nbits"))
             elif s.mode == "linear_symmetric" and o["nbits"] < 2:
                 problems.append(doc.problem(at + ("stages", s.name, "nbits"), "linear_symmetric needs nbits 2..8"))
-            s = Stage(s.name, s.mode, o["nbits"], s.rules, s.function, s.fold)
+            s = replace(s, nbits=o["nbits"])
         job_stages.append(s)
     gates = _gates({**{k: v for k, v in base_gates.__dict__.items() if v is not None}, **(settings.get("gates") or {})})
     evaluation = _evaluation(settings.get("evaluation"), base_dir, doc, at + ("evaluation",), problems, check_files)

@@ -10,7 +10,8 @@ from .problems import Problem, dotted
 
 _NOT_ALLOWED = {"nbits": "fold, fp16 and dequantize stages take no nbits",
                 "function": "only custom_lut stages take a function",
-                "fold": "only fold stages take a fold list"}
+                "fold": "only fold stages take a fold list",
+                "coremltools_rounding": "only linear, linear_symmetric and linear_lut stages round like coremltools"}
 
 
 def did_you_mean(word, candidates) -> str:
@@ -83,6 +84,8 @@ def _forbidden(key: str, stage: dict) -> bool:
         return mode in ("fold", "fp16", "dequantize")
     if key == "function":
         return mode != "custom_lut"
+    if key == "coremltools_rounding":
+        return mode not in ("linear", "linear_symmetric", "linear_lut")
     return mode != "fold"
 
 
@@ -127,4 +130,4 @@ def _describe(value) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {json.dumps(value) if isinstance(value, (int, float, str)) else value!r}"
+    return f"{type(value).__name__} {json.dumps(value)}" if isinstance(value, (int, float, str)) else repr(value)

@@ -90,11 +90,20 @@ def _tab_near(text: str, mark) -> bool:
     return 0 <= mark.line < len(lines) and "\t" in lines[mark.line]
 
 
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "int", "float", "bool", "null")}
+
+
 def _build(node, path, src: Source, problems: list[Problem], budget, constructor):
     budget[0] -= 1
     if budget[0] < 0:
         raise _TooBig
     src.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if node.tag == "tag:yaml.org,2002:timestamp":  # an unquoted date is just text in a recipe
+        return node.value
+    if node.tag not in _PLAIN_TAGS:
+        problems.append(Problem(src.file, node.start_mark.line + 1, node.start_mark.column + 1, dotted(path),
+                                f"unsupported YAML value with tag {node.tag}", "recipes are plain data: no tags"))
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for key_node, value_node in node.value:

@@ -55,6 +55,7 @@ class Stage:
     rules: tuple[str, ...] = ()
     function: str | None = None
     fold: tuple[str, ...] = ()
+    coremltools_rounding: bool = False
 
     @property
     def label(self) -> str:

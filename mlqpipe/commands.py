@@ -1,0 +1,123 @@
+"""What `mlqpipe validate`, `plan` and `quantize` do (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .errors import RecipeError
+from .plan import ModelPlan, plan_recipe
+from .recipe import check_recipe_collisions, load_recipe
+from .recipe.problems import Problem, raise_problems
+from .show import table
+
+
+def _rel(path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def load_all(paths, *, plan: bool = True):
+    """Load every recipe; collect all problems of all of them (including cross-recipe output collisions)."""
+    recipes, problems, plans = [], [], {}
+    for path in paths:
+        try:
+            recipes.append(load_recipe(path))
+        except RecipeError as e:
+            problems += e.problems or [Problem(str(path), 0, 0, "", str(e))]
+    problems += check_recipe_collisions(recipes)
+    if plan:
+        for r in recipes:
+            model_plans, found = plan_recipe(r)
+            plans[r.path] = model_plans
+            problems += found
+    return recipes, plans, problems
+
+
+def validate(paths, verbose: int = 0) -> int:
+    recipes, plans, problems = load_all(paths)
+    raise_problems(problems)
+    for r in recipes:
+        n = len(r.models)
+        print(f"{_rel(r.path)}: OK ({n} model{'s' if n != 1 else ''}, {len(r.stages)} stage(s), {len(r.rules)} rule(s))")
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else (f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B")
+
+
+def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
+    return [
+        {
+            "input": _rel(mp.job.input),
+            "output": _rel(mp.job.output),
+            "bytes_before": mp.bytes_before,
+            "bytes_after": mp.bytes_after,
+            "stages": [
+                {
+                    "name": sp.stage.name,
+                    "mode": sp.stage.mode,
+                    "nbits": sp.stage.nbits,
+                    "folds": [f"{f.removed} -> {f.into}" for f in sp.folds],
+                    "weights": [d.as_dict() for d in sp.decisions],
+                }
+                for sp in mp.stages
+            ],
+        }
+        for mp in model_plans
+    ]
+
+
+def plan(path, as_json: bool = False, verbose: int = 0) -> int:
+    recipes, plans, problems = load_all([path])
+    raise_problems(problems)
+    model_plans = plans[recipes[0].path]
+    if as_json:
+        json.dump({"recipe": _rel(path), "models": plan_json(model_plans)}, sys.stdout, indent=2)
+        print()
+        return 0
+    for mp in model_plans:
+        ratio = mp.bytes_before / mp.bytes_after if mp.bytes_after else float("inf")
+        print(f"{_rel(mp.job.input)} -> {_rel(mp.job.output)}: weights {_fmt_bytes(mp.bytes_before)} -> {_fmt_bytes(mp.bytes_after)} ({ratio:.2f}x)")
+        for sp in mp.stages:
+            print(f"  stage {sp.stage.label}")
+            if sp.stage.mode == "fold":
+                print("    " + ("; ".join(f"folded {f.removed} into {f.into}" for f in sp.folds) or "nothing to fold"))
+                continue
+            rows = [
+                {"id": d.id, "type": d.layer_type, "shape": "x".join(map(str, d.shape)), "what": _what(d),
+                 "why": d.reason, "bytes": f"{d.bytes_before} -> {d.bytes_after}" if d.action == "quantize" else str(d.bytes_before)}
+                for d in sp.decisions
+                if verbose or d.action != "keep" or d.rule is not None
+            ]
+            if rows:
+                print("    " + table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("what", "change"),
+                                           ("bytes", "bytes"), ("why", "why")]).replace("\n", "\n    "))
+            hidden = sum(1 for d in sp.decisions if d.action == "keep" and d.rule is None)
+            if hidden and not verbose:
+                print(f"    ({hidden} weights no rule of this stage matches; -v lists them)")
+    return 0
+
+
+def _what(d) -> str:
+    if d.action == "quantize":
+        return f"{d.storage_before} -> {d.storage_after}"
+    if d.action == "custom":
+        return "custom code decides"
+    return f"keep {d.storage_before}"
+
+
+def quantize(paths, allow_custom: bool = True, verbose: int = 0) -> int:
+    from .execute import quantize_recipe
+
+    recipes, _, problems = load_all(paths)
+    raise_problems(problems)
+    for r in recipes:
+        for job, stage_plans in quantize_recipe(r, allow_custom=allow_custom):
+            before, after = os.path.getsize(job.input), os.path.getsize(job.output)
+            print(f"{_rel(job.input)} -> {_rel(job.output)}: {_fmt_bytes(before)} -> {_fmt_bytes(after)} ({before / after:.2f}x)")
+    return 0
