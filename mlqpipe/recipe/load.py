@@ -320,7 +320,7 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
     jobs = []
     for m in matches:
         rel_dir = os.path.relpath(m.parent, base_dir)
-        out = base_dir / template.format(stem=m.stem, name=m.name, dir="" if rel_dir == "." else rel_dir, recipe=recipe_path.stem)
+        out = Path(os.path.normpath(base_dir / template.format(stem=m.stem, name=m.name, dir="" if rel_dir == "." else rel_dir, recipe=recipe_path.stem)))
         if check_files and out.resolve() == m.resolve():
             problems.append(doc.problem(at + ("output",), f"output '{_shown(out)}' is the input itself", "inputs are never modified: choose another output path"))
             continue

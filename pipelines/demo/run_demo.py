@@ -1,6 +1,7 @@
-"""The demo: quantize the digits model in several modes and compare size and held-out accuracy.
+"""The demo: build pipelines/demo/demo.yaml and compare size and held-out accuracy before and after.
 
-Run from the repository root: `python pipelines/demo/run_demo.py`. Outputs go to `build/demo/`.
+Run from anywhere: `python pipelines/demo/run_demo.py`. Outputs go to `build/demo/` in the repository.
+(The quality issue replaces the small forward pass below with mlqpipe's own evaluator and gates.)
 """
 
 from __future__ import annotations
@@ -11,21 +12,27 @@ from pathlib import Path
 import numpy as np
 
 import mlqpipe
+from mlqpipe.execute import quantize_recipe
+from mlqpipe.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parents[1] / "build" / "demo"
 
 
 def predict(model, X: np.ndarray) -> np.ndarray:
-    """A minimal forward pass for this demo's layer types (scale, innerProduct, ReLU, softmax)."""
-    weights = {(r.layer, r.field): r.values() for r in mlqpipe.inventory(model.spec)}
-    h = X.astype(np.float32)
+    """A minimal forward pass for the demo's layer types."""
+    w = {(r.layer, r.field): r.values() for r in mlqpipe.inventory(model.spec)}
+    h = X.astype(np.float32).reshape(len(X), -1)
     for layer in model.spec.neuralNetworkClassifier.layers:
         kind = layer.WhichOneof("layer")
         if kind == "scale":
-            h = h * weights[(layer.name, "scale")]
+            h = h * w[(layer.name, "scale")]
         elif kind == "innerProduct":
-            h = h @ weights[(layer.name, "weights")].T + weights[(layer.name, "bias")]
+            h = h @ w[(layer.name, "weights")].T + w.get((layer.name, "bias"), 0)
+        elif kind == "convolution":  # an 8x8 'valid' convolution over an 8x8 image is a matrix product
+            h = h @ w[(layer.name, "weights")].reshape(len(w[(layer.name, "weights")]), -1).T + w.get((layer.name, "bias"), 0)
+        elif kind == "batchnorm":
+            g, b, mu, var = (w[(layer.name, f)] for f in ("gamma", "beta", "mean", "variance"))
+            h = (h - mu) / np.sqrt(var + layer.batchnorm.epsilon) * g + b
         elif kind == "activation":
             h = np.maximum(h, 0)
     return h.argmax(axis=1)
@@ -34,21 +41,15 @@ def predict(model, X: np.ndarray) -> np.ndarray:
 def main() -> int:
     data = np.load(HERE / "digits_test.npz")
     X, y = data["X"], data["y"]
-    source = HERE / "digits_mlp.mlmodel"
-    float_model = mlqpipe.load_model(source)
-    base_acc = float(np.mean(predict(float_model, X) == y))
-    print(f"{'mode':<22}{'bytes':>9}{'ratio':>8}{'accuracy':>10}")
-    print(f"{'float32':<22}{source.stat().st_size:>9}{1.0:>8.2f}{base_acc:>10.3f}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    for nbits, mode in [(16, "linear"), (8, "linear"), (4, "linear"), (4, "kmeans_lut"), (2, "kmeans_lut")]:
-        q = mlqpipe.quantize_weights(source, nbits, mode)
-        path = OUT / f"digits_{mode}{nbits}.mlmodel"
-        q.save(path)
-        size = path.stat().st_size
-        acc = float(np.mean(predict(q, X) == y))
-        label = "fp16" if nbits == 16 else f"{mode} {nbits}-bit"
-        print(f"{label:<22}{size:>9}{source.stat().st_size / size:>8.2f}{acc:>10.3f}")
-    print(f"outputs in {OUT}")
+    recipe = load_recipe(HERE / "demo.yaml")
+    print(f"building {recipe.path.name}: " + ", ".join(s.label for s in recipe.stages))
+    print(f"{'model':<22}{'bytes before':>14}{'after':>9}{'ratio':>8}{'accuracy before':>18}{'after':>8}")
+    for job, _ in quantize_recipe(recipe):
+        before, after = job.input.stat().st_size, job.output.stat().st_size
+        acc0 = np.mean(predict(mlqpipe.load_model(job.input), X) == y)
+        acc1 = np.mean(predict(mlqpipe.load_model(job.output), X) == y)
+        print(f"{job.input.name:<22}{before:>14}{after:>9}{before / after:>8.2f}{acc0:>18.3f}{acc1:>8.3f}")
+    print(f"outputs in {job.output.parent}")
     return 0
 
 

@@ -1,0 +1,60 @@
+"""The mlqpipe command: plan, quantize, inspect, schema, help and exit codes."""
+
+import json
+import shutil
+
+import pytest
+
+from mlqpipe.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture()
+def pipelines(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "pipelines"
+
+
+def test_plan_table_and_json(pipelines, capsys):
+    assert main(["plan", "pipelines/skip_dense_2.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "digits_mlp.mlmodel -> build/examples/digits_mlp.skip_dense_2.mlmodel" in out
+    assert "dense_1:weights" in out and "float32 -> linear8" in out
+    assert "excluded by rule 'not_dense_2'" in out
+    assert main(["plan", "--json", "pipelines/skip_dense_2.yaml"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    weights = {w["id"]: w for w in doc["models"][0]["stages"][0]["weights"]}
+    assert weights["dense_2:weights"]["action"] == "keep" and weights["dense_2:weights"]["rule"] == "not_dense_2"
+    assert weights["dense_3:weights"]["action"] == "quantize" and weights["dense_3:weights"]["storage_after"] == "linear8"
+    assert not (pipelines.parent / "build").exists()  # plan writes nothing
+
+
+def test_quantize_writes_checked_outputs(pipelines, capsys):
+    assert main(["quantize", "pipelines/demo/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "build/demo/digits_mlp.q.mlmodel" in out
+    assert main(["check", "build/demo/digits_mlp.q.mlmodel", "build/demo/digits_cnn.q.mlmodel"]) == 0
+
+
+def test_inspect(capsys):
+    assert main(["inspect", str(REPO / "pipelines/demo/digits_cnn.mlmodel")]) == 0
+    out = capsys.readouterr().out
+    assert "pca_conv:weights" in out and "32x1x8x8" in out and "float32" in out
+    assert main(["inspect", "--json", str(REPO / "pipelines/demo/digits_cnn.mlmodel")]) == 0
+    rows = json.loads(capsys.readouterr().out)["weights"]
+    assert {r["id"] for r in rows} >= {"pca_conv:weights", "standardize:gamma", "classifier:bias"}
+
+
+def test_schema_prints_the_schema(capsys):
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "mlqpipe recipe"
+
+
+def test_usage_errors(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["plan"])
+    assert e.value.code == 2
+    assert main(["inspect", "nope.mlmodel"]) == 2
+    assert "nope.mlmodel: no such model file" in capsys.readouterr().err
