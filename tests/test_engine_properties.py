@@ -21,7 +21,10 @@ def test_linear_error_at_most_half_a_step_per_channel(ic, oc, nbits, dtype, seed
         scale = np.array(lq.scale, np.float32).reshape(-1, 1)
         got = r.values().reshape(len(scale), -1)
         want = before[r.field].reshape(len(scale), -1)
-        assert np.all(np.abs(got - want) <= scale / 2 + 1e-6 * (np.abs(want).max() + 1e-30)), r.id
+        # half a step; channels whose scale is under coremltools' 1e-6 threshold (kept by the compatibility
+        # API) collapse to their minimum, so their error is bounded by the whole range instead
+        bound = np.where(scale > 1e-6, scale / 2, scale * (2**nbits - 1))
+        assert np.all(np.abs(got - want) <= bound + 1e-6 * (np.abs(want).max() + 1e-30)), r.id
 
 
 @settings(max_examples=25, deadline=None)

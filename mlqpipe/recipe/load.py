@@ -128,7 +128,7 @@ def _range(v) -> Range | None:
 def _build(path: Path, files, doc: _Located, problems: list[Problem], project_root, check_files: bool) -> Recipe:
     data = doc.data
     base_dir = path.parent
-    root = Path(project_root) if project_root else base_dir
+    root = Path(project_root) if project_root else Path.cwd()
     python_path = tuple(dict.fromkeys([base_dir.resolve(), root.resolve()] + [(base_dir / p).resolve() for p in data.get("python_path", [])]))
 
     rules = []
