@@ -139,3 +139,13 @@ def test_validate_does_not_import_custom_code(workdir, monkeypatch, capsys):
     assert main(["quantize", "--no-custom-code", "r.yaml"]) == 2
     assert "disabled (--no-custom-code)" in capsys.readouterr().err
     assert not (workdir / "out").exists()
+
+
+def test_two_recipes_writing_one_output(workdir, monkeypatch, capsys):
+    body = "version: 1\nmodels:\n  - {input: m.mlmodel, output: out/same.mlmodel}\nrules: {everything: {}}\nstages: [{mode: fp16, rules: [everything]}]\n"
+    (workdir / "a.yaml").write_text(body)
+    (workdir / "b.yaml").write_text("# another recipe\n" + body)
+    monkeypatch.chdir(workdir)
+    assert main(["validate", "a.yaml", "b.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "b.yaml:4:5: models[0].output: output 'out/same.mlmodel' is also written by a.yaml (models[0])" in err
