@@ -139,6 +139,16 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
     return decisions, problems, after
 
 
+def rules_matching_something(spec, matchers: list[RuleMatcher], overlay: dict | None = None) -> set[str]:
+    """Rules whose conditions hold for at least one weight, whatever the precedence (custom code counts)."""
+    found = set()
+    for rec in inventory(spec):
+        if overlay and rec.id in overlay:
+            rec = replace(rec, storage=overlay[rec.id])
+        found |= {m.rule.name for m in matchers if m.rule.name not in found and m.matches(rec)}
+    return found
+
+
 def _problem(recipe: Recipe, path, message, hint="") -> Problem:
     path = tuple(path)
     file, line, col = recipe.locations.get(path) or recipe.locations.get(path[:2]) or (str(recipe.path), 0, 0)
@@ -181,11 +191,12 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
         if stage.mode == "fold":
             sp.folds = fold_model(spec, kinds=stage.fold)
         else:
-            decisions, problems, after = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, None), overlay)
+            matchers = matchers_for(stage, recipe, None)
+            decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay)
+            plan.matched_rules |= rules_matching_something(spec, matchers, overlay)
             sp.decisions = decisions
             plan.problems += problems
             overlay.update(after)
-            plan.matched_rules |= {d.rule for d in decisions if d.rule}
         plan.stages.append(sp)
     final = inventory(spec)
     plan.bytes_after = sum(estimate_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")

@@ -79,3 +79,8 @@ def test_no_custom_code_refuses_cleanly(work):
     with pytest.raises(RecipeError, match="disabled"):
         quantize_recipe(r, allow_custom=False)
     assert not (work / "out").exists()
+
+
+def test_rules_after_a_custom_rule_are_not_reported_unmatched(work):
+    r = _recipe(work, "{mode: linear, nbits: 8, rules: [mine, everything]}", "mine: {python: 'team_luts:only_dense_1'}\n  everything: {}")
+    assert plan_recipe(r)[1] == []
