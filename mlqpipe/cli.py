@@ -35,6 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
     s.set_defaults(run=lambda a: _commands().quantize(a.recipes, not a.no_custom_code, a.verbose))
 
+    s = sub.add_parser("build", help="build recipes through doit: cached, incremental, reproducible")
+    s.add_argument("recipes", nargs="*", metavar="RECIPE", default=["recipes/*.yaml", "pipelines/**/*.yaml"],
+                   help="recipe files or globs (default: recipes/*.yaml and pipelines/**/*.yaml)")
+    s.add_argument("-j", "--jobs", type=int, default=1, help="parallel processes")
+    s.add_argument("--dry-run", action="store_true", help="list what would be rebuilt and what is stale; build nothing")
+    s.add_argument("--force", action="store_true", help="re-run every task (the cache still serves stage results)")
+    s.add_argument("--prune", action="store_true", help="remove outputs that no recipe produces any more")
+    _build_options(s)
+    s.set_defaults(run=_build)
+
+    s = sub.add_parser("cache", help="inspect or maintain the stage cache")
+    s.add_argument("action", choices=["stats", "verify", "prune"])
+    _build_options(s)
+    s.set_defaults(run=_cache)
+
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     s.set_defaults(run=_schema)
 
@@ -70,6 +85,52 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _build_options(s) -> None:
+    s.add_argument("--cache", default=None, metavar="DIR", help="cache directory (default: $MLQPIPE_CACHE or .mlqpipe-cache)")
+    s.add_argument("--cache-read-only", action="store_true", help="use the cache but never write it (developers on a CI cache)")
+    s.add_argument("--salt", default="", help="extra string mixed into every cache key")
+    s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
+
+
+def _options(args):
+    import os
+
+    from .build.tasks import DEFAULT_CACHE, BuildOptions
+
+    return BuildOptions(cache_dir=args.cache or os.environ.get("MLQPIPE_CACHE") or DEFAULT_CACHE, salt=args.salt,
+                        allow_custom=not args.no_custom_code, read_only_cache=args.cache_read_only)
+
+
+def _build(args) -> int:
+    from .build.run import build
+
+    return build(args.recipes, jobs=args.jobs, dry_run=args.dry_run, force=args.force, prune=args.prune,
+                 options=_options(args), verbose=args.verbose)
+
+
+def _cache(args) -> int:
+    import json
+
+    from .build.cache import Cache
+
+    options = _options(args)
+    cache = Cache(options.cache_dir, options.read_only_cache)
+    if args.action == "stats":
+        print(json.dumps(cache.stats(), indent=2))
+        return EXIT_OK
+    if args.action == "verify":
+        bad = cache.verify()
+        for line in bad:
+            print(f"mlqpipe: cache: {line}", file=sys.stderr)
+        print(f"{cache.root}: {'OK' if not bad else f'{len(bad)} bad entries'}")
+        return EXIT_FINDINGS if bad else EXIT_OK
+    from .build.run import referenced_keys
+
+    removed = cache.prune(referenced_keys(options))
+    print(f"{cache.root}: removed {removed} file(s) not referenced by {options.lock_file}")
+    return EXIT_OK
 
 
 def _commands():

@@ -11,7 +11,7 @@ from typing import Any
 
 from .coreml.fold import fold_model
 from .coreml.inventory import WeightRecord, inventory, layer_records
-from .coreml.layers import nested_networks
+from .coreml.layers import COREMLTOOLS_SELECTOR_TYPES, nested_networks
 from .coreml.model import CoreMLModel, load_model, neural_networks
 from .coreml.version import raise_versions
 from .errors import ModelError
@@ -27,11 +27,7 @@ _CT_MODES = {
     "custom_lut": "custom_lut",
     "dequantization": "dequantize",
 }
-_QUANTIZABLE = {
-    "convolution", "innerProduct", "embedding", "embeddingND", "batchnorm", "scale", "bias", "loadConstant",
-    "loadConstantND", "simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM", "batchedMatmul",
-    "depthwiseConv", "loop", "branch",
-}  # fmt: skip
+_QUANTIZABLE = COREMLTOOLS_SELECTOR_TYPES
 
 
 class QuantizedLayerSelector:

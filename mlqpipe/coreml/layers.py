@@ -16,6 +16,9 @@ COREMLTOOLS_WEIGHT_TYPES = frozenset(
     "convolution innerProduct embedding embeddingND batchnorm scale bias loadConstant loadConstantND "
     "simpleRecurrent gru uniDirectionalLSTM biDirectionalLSTM batchedMatmul".split()
 )
+# QuantizedLayerSelector's quantizable_layer_types in coremltools (container types and its unused
+# "depthwiseConv" name included): the names its selectors accept.
+COREMLTOOLS_SELECTOR_TYPES = COREMLTOOLS_WEIGHT_TYPES | {"depthwiseConv", "loop", "branch"}
 NESTED_NETWORKS = {"branch": ("ifBranch", "elseBranch"), "loop": ("conditionNetwork", "bodyNetwork")}
 
 

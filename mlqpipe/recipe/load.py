@@ -100,8 +100,11 @@ def _merge(base, child, path: tuple, replaced: list):
     return child
 
 
-def load_recipe(path, *, project_root=None, check_files: bool = True) -> Recipe:
-    """Load and validate one recipe; raises RecipeError listing every problem with its location."""
+def load_recipe(path, *, project_root=None, check_files: bool = True, schema: bool = True) -> Recipe:
+    """Load and validate one recipe; raises RecipeError listing every problem with its location.
+
+    `schema=False` skips the JSON Schema pass (and the jsonschema import): only for recipe files whose
+    exact content has already passed it (the build remembers those by digest)."""
     path = Path(path)
     problems: list[Problem] = []
     doc, files = _read_chain(path, problems)
@@ -109,7 +112,8 @@ def load_recipe(path, *, project_root=None, check_files: bool = True) -> Recipe:
         raise_problems(problems)
     if not isinstance(doc.data, dict):
         raise_problems([doc.problem((), "a recipe is a mapping of keys (version, models, rules, stages, ...)", "start with `version: 1`")])
-    problems += schema_problems(doc.data, doc.locate)
+    if schema:
+        problems += schema_problems(doc.data, doc.locate)
     if problems:
         raise_problems(problems)
     recipe = _build(path, files, doc, problems, project_root, check_files)
@@ -224,7 +228,7 @@ _SELECTOR_KEYS = {
 
 
 def _selector_problems(sel, doc, at) -> list[Problem]:
-    from ..compat import _QUANTIZABLE
+    from ..coreml.layers import COREMLTOOLS_SELECTOR_TYPES as _QUANTIZABLE
 
     out = []
     allowed = _SELECTOR_KEYS[sel["type"]]
