@@ -27,7 +27,8 @@ def wheel(tmp_path_factory):
 def test_wheel_contains_schema(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mlqpipe/schemas/recipe.schema.json" in names
-    assert "mlqpipe/cli.py" in names
+    for module in ("cli.py", "build/tasks.py", "coreml/proto.py", "quant/lut.py", "recipe/load.py"):
+        assert f"mlqpipe/{module}" in names, module
 
 
 def test_installed_wheel_finds_schema(wheel, tmp_path):

@@ -1,0 +1,16 @@
+"""doit integration: recipes compiled into cached, incremental, reproducible build tasks.
+
+In your dodo.py:
+
+    from mlqpipe.build import DOIT_CONFIG, tasks_from_recipes
+
+    def task_quantize():
+        yield from tasks_from_recipes("recipes/*.yaml")
+"""
+
+from .tasks import BuildOptions, tasks_from_recipes
+
+# doit state in a tool-specific sqlite3 file (the default dbm backend is one-process-only and can corrupt)
+DOIT_CONFIG = {"dep_file": ".mlqpipe-state/doit.sqlite3", "backend": "sqlite3", "verbosity": 0}
+
+__all__ = ["tasks_from_recipes", "BuildOptions", "DOIT_CONFIG"]

@@ -1,0 +1,126 @@
+"""A content-addressed cache of stage outputs, as a plain directory that can be shared.
+
+Two layers, as in DVC or Bazel: `keys/ab/<key>.json` (a small manifest: which object, its size, what made
+it) and `objects/ab/<sha256>` (the bytes, named by their digest). Every write goes to a temporary file and
+is renamed into place, so a killed build leaves only complete entries; every read verifies the digest, so a
+corrupted entry is reported by path and treated as a miss (the build recomputes and rewrites it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_FORMAT = 1
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@dataclass
+class Cache:
+    root: Path
+    read_only: bool = False
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.problems: list[str] = []  # corrupted entries seen (reported by the build summary)
+
+    def _key_path(self, key: str) -> Path:
+        return self.root / "keys" / key[:2] / f"{key}.json"
+
+    def _object_path(self, digest: str) -> Path:
+        return self.root / "objects" / digest[:2] / digest
+
+    def get(self, key: str) -> bytes | None:
+        """The bytes stored under `key`, verified; None when absent or corrupted."""
+        kp = self._key_path(key)
+        try:
+            manifest = json.loads(kp.read_text(encoding="utf-8"))
+            digest = manifest["object"]
+            data = self._object_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.problems.append(f"{kp}: unreadable cache manifest ({e}); rebuilding")
+            return None
+        if sha256(data) != digest:
+            self.problems.append(f"{self._object_path(digest)}: cached bytes do not match their digest; rebuilding")
+            return None
+        return data
+
+    def has(self, key: str) -> bool:
+        return self._key_path(key).is_file()
+
+    def put(self, key: str, data: bytes, meta: dict | None = None) -> str:
+        digest = sha256(data)
+        if self.read_only:
+            return digest
+        obj = self._object_path(digest)
+        if not (obj.is_file() and sha256(obj.read_bytes()) == digest):
+            _atomic_write(obj, data)
+        manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
+        _atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
+        return digest
+
+    # --- maintenance: mlqpipe cache stats|verify|prune ---------------------------------------------------
+
+    def manifests(self):
+        for p in sorted((self.root / "keys").glob("*/*.json")):
+            try:
+                yield p, json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                yield p, None
+
+    def stats(self) -> dict:
+        objects = list((self.root / "objects").glob("*/*"))
+        return {"root": str(self.root), "keys": sum(1 for _ in self.manifests()), "objects": len(objects),
+                "bytes": sum(p.stat().st_size for p in objects)}
+
+    def verify(self) -> list[str]:
+        bad = []
+        for p, m in self.manifests():
+            if m is None:
+                bad.append(f"{p}: unreadable manifest")
+                continue
+            obj = self._object_path(m.get("object", ""))
+            if not obj.is_file():
+                bad.append(f"{p}: object {obj} is missing")
+            elif sha256(obj.read_bytes()) != m["object"]:
+                bad.append(f"{obj}: bytes do not match their digest")
+        return bad
+
+    def prune(self, keep_keys: set[str]) -> int:
+        """Remove manifests not in `keep_keys` and objects no kept manifest names; returns files removed."""
+        removed, live = 0, set()
+        for p, m in self.manifests():
+            if m is not None and m.get("key") in keep_keys:
+                live.add(m["object"])
+            else:
+                p.unlink()
+                removed += 1
+        for obj in (self.root / "objects").glob("*/*"):
+            if obj.name not in live:
+                obj.unlink()
+                removed += 1
+        return removed

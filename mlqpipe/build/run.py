@@ -1,0 +1,159 @@
+"""`mlqpipe build`: the same doit tasks as a user's dodo.py, run through doit's API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .tasks import BuildOptions, tasks_from_recipes
+
+_CURRENT: dict = {"patterns": (), "options": BuildOptions()}
+
+
+def task_mlqpipe():
+    """Generated from the recipes named on the command line."""
+    yield from tasks_from_recipes(*_CURRENT["patterns"], options=_CURRENT["options"])
+
+
+def _doit(argv: list[str], options: BuildOptions) -> int:
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    Path(options.state_dir).mkdir(parents=True, exist_ok=True)
+    namespace = {
+        "task_mlqpipe": task_mlqpipe,
+        "DOIT_CONFIG": {
+            "dep_file": str(Path(options.state_dir) / "doit.sqlite3"),
+            "backend": "sqlite3",
+            "verbosity": 0,
+            "outfile": sys.stdout,  # doit's default is the sys.stdout of its import time
+        },
+    }
+    return DoitMain(ModuleTaskLoader(namespace)).run(argv)
+
+
+def _lock_outputs(options: BuildOptions) -> dict:
+    try:
+        return json.loads(Path(options.lock_file).read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False, prune: bool = False,
+          options: BuildOptions | None = None, verbose: int = 0) -> int:
+    options = options or BuildOptions()
+    _CURRENT["patterns"], _CURRENT["options"] = tuple(patterns), options
+    _CURRENT["previous_lock"] = _lock_outputs(options)
+    if dry_run:
+        return _dry_run(options)
+    log = Path(options.state_dir) / "run.jsonl"
+    log.unlink(missing_ok=True)
+    argv = ["run"]
+    if jobs > 1:
+        argv += ["-n", str(jobs), "-P", "process"]
+        method = os.environ.get("MLQPIPE_START_METHOD")  # tests force "spawn" (macOS' default) on Linux
+        if method:
+            import multiprocessing
+
+            multiprocessing.set_start_method(method, force=True)
+    if force:
+        argv += ["--always-execute"]
+    status = _doit(argv, options)
+    stale = _stale_outputs(options)
+    if prune:
+        for path in stale:
+            Path(path).unlink(missing_ok=True)
+        _stale_file(options).unlink(missing_ok=True)
+    _summary(options, status, stale, pruned=prune)
+    return 0 if status == 0 else (1 if status == 1 else 2)
+
+
+def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
+    """(outputs, recipes) of the recipes named for this build."""
+    outs, recipes = set(), set()
+    for task in tasks_from_recipes(*_CURRENT["patterns"], options=options):
+        if task.get("basename") == "mlqpipe-lock":
+            recipes = set(task["actions"][0][1][1])
+        for t in task.get("targets", []):
+            if t != options.lock_file:
+                outs.add(Path(os.path.relpath(t)).as_posix())
+    return outs, recipes
+
+
+def _current_outputs(options: BuildOptions) -> set[str]:
+    return _current(options)[0]
+
+
+def _stale_outputs(options: BuildOptions) -> list[str]:
+    """Outputs the lock file listed before this build whose recipe is gone, or is part of this build and no
+    longer produces them (and that still exist on disk)."""
+    outputs, recipes = _current(options)
+    previous = {**_lock_outputs(options), **_CURRENT.get("previous_lock", {})}
+    stale = {
+        path for path, entry in previous.items()
+        if path not in outputs and (entry.get("recipe") in recipes or not Path(entry.get("recipe", "")).is_file())
+    }
+    remembered = _stale_file(options)
+    try:
+        stale |= set(json.loads(remembered.read_text(encoding="utf-8"))) - outputs
+    except (OSError, ValueError, TypeError):
+        pass
+    stale = sorted(p for p in stale if Path(p).exists())
+    # the lock file forgets outputs no recipe makes; remember them here until they are pruned
+    from ..coreml.model import atomic_write
+
+    atomic_write(remembered, json.dumps(stale).encode())
+    return stale
+
+
+def _stale_file(options: BuildOptions) -> Path:
+    return Path(options.state_dir) / "stale.json"
+
+
+def _dry_run(options: BuildOptions) -> int:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        status = _doit(["list", "--all", "--status"], options)
+    rebuild = []
+    for line in buf.getvalue().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in ("R", "I") and parts[1].endswith("/output"):
+            rebuild.append(parts[1])
+    for name in rebuild:
+        print(f"would rebuild {name.removeprefix('mlqpipe/').removesuffix('/output')} (inputs, recipe or versions changed, or output missing)")
+    print(f"{len(rebuild)} output(s) would be rebuilt")
+    for path in _stale_outputs(options):
+        print(f"stale: {path} (no recipe produces it any more; --prune removes it)")
+    return 0 if status == 0 else 2
+
+
+def _summary(options: BuildOptions, status: int, stale: list[str], pruned: bool) -> None:
+    events = []
+    log = Path(options.state_dir) / "run.jsonl"
+    if log.exists():
+        events = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    outputs = [e for e in events if e["event"] == "output"]
+    computed_models = {(e["recipe"], e["input"]) for e in events if e["event"] in ("stage", "output") and e["computed"]}
+    built = sum(1 for e in outputs if (e["recipe"], e["input"]) in computed_models)
+    cached = len(outputs) - built
+    total = len(_current_outputs(options))
+    before = sum(e["bytes_before"] for e in outputs)
+    after = sum(e["bytes_after"] for e in outputs)
+    size = f", {before} -> {after} bytes" if outputs else ""
+    failed = "" if status == 0 else ", build FAILED (see above)"
+    print(f"mlqpipe build: {built} built, {cached} from cache, {total - len(outputs)} up to date{size}{failed}")
+    for e in events:
+        if e["event"] == "cache-problem":
+            print(f"  cache: {e['message']}", file=sys.stderr)
+    for path in stale:
+        print(f"  stale: {path} (no recipe produces it any more){' — removed' if pruned else '; --prune removes it'}")
+
+
+def referenced_keys(options: BuildOptions) -> set[str]:
+    """Stage keys the lock file references (what `mlqpipe cache prune` keeps)."""
+    return {k for entry in _lock_outputs(options).values() for k in entry.get("stage_keys", [])}

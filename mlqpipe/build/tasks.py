@@ -1,0 +1,336 @@
+"""Recipes compiled into doit tasks: one task per (model, stage), one per final output, one for the lock file.
+
+Up-to-date checks stay cheap and light: a task depends on its input model (doit's file_dep: mtime, then
+size, then md5) and on its stages' configuration *as written* (doit's config_changed), so a comment in a
+recipe changes nothing and no model is parsed to decide. Generating the tasks imports only PyYAML: a recipe
+whose exact bytes already passed validation is not schema-checked again (no jsonschema import); numpy,
+protobuf and the kernels load only inside actions that run.
+
+Stage results live in the content-addressed cache under a key chained from the input's digest, so a later
+stage reuses an earlier one, a killed build resumes from what it finished, and a shared cache directory
+serves builds on other machines. Actions are module-level functions with plain arguments, so `doit -n N`
+works under the spawn start method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..recipe.problems import Problem
+from .cache import CACHE_FORMAT
+
+KERNEL_VERSION = 1  # bump whenever any kernel's output bytes change: invalidates every cached stage
+DEFAULT_CACHE = ".mlqpipe-cache"
+STATE_DIR = ".mlqpipe-state"  # local to a checkout: doit's dep file, validated-recipe marks, run log
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    cache_dir: str = DEFAULT_CACHE
+    salt: str = ""
+    allow_custom: bool = True
+    read_only_cache: bool = False
+    lock_file: str | None = "mlqpipe.lock.json"
+    state_dir: str = STATE_DIR
+
+    def as_args(self) -> dict:
+        return asdict(self)
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_of(obj) -> str:
+    return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
+def _rel(path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+# --- recipes for task generation ------------------------------------------------------------------------
+
+
+def _mark_path(recipe_path: Path, options: BuildOptions) -> Path:
+    return Path(options.state_dir) / "validated" / (hashlib.sha256(str(recipe_path.resolve()).encode()).hexdigest() + ".json")
+
+
+def _file_digests(paths) -> dict:
+    out = {}
+    for p in paths:
+        try:
+            out[str(Path(p).resolve())] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        except OSError:
+            out[str(Path(p).resolve())] = None
+    return out
+
+
+def load_for_build(recipe_path, options: BuildOptions):
+    """Load a recipe, skipping the schema pass when these exact files passed it before."""
+    from .. import __version__
+    from ..recipe import load_recipe
+
+    recipe_path = Path(recipe_path)
+    mark = _mark_path(recipe_path, options)
+    try:
+        known = json.loads(mark.read_text())
+        trusted = known.get("version") == __version__ and known["files"] == _file_digests(known["files"])
+    except (OSError, ValueError, KeyError):
+        trusted = False
+    recipe = load_recipe(recipe_path, schema=not trusted)
+    if not trusted:
+        from ..coreml.model import atomic_write
+
+        atomic_write(mark, json.dumps({"version": __version__, "files": _file_digests(recipe.files)}, sort_keys=True).encode())
+    return recipe
+
+
+# --- keys -----------------------------------------------------------------------------------------------
+
+
+def stage_configs(recipe, job, options: BuildOptions) -> list[dict]:
+    """What determines each stage's bytes, as written in the recipe: the stage (with per-model overrides),
+    the rules it applies, custom code's source, and the versions and salt. Names and comments do not count."""
+    from ..recipe.custom import _locate
+
+    configs = []
+    rules_doc = recipe.document.get("rules") or {}
+    for stage in job.stages:
+        code = {}
+        refs = [stage.function] + [recipe.rule(r).python for r in stage.rules]
+        for ref in filter(None, refs):
+            spec = _locate(ref.partition(":")[0], recipe.python_path)
+            origin = spec.origin if spec and spec.origin and os.path.isfile(spec.origin) else None
+            code[ref] = hashlib.sha256(Path(origin).read_bytes()).hexdigest() if origin else None
+        stage_doc = {k: v for k, v in asdict(stage).items() if k != "name"}
+        configs.append({
+            "stage": stage_doc,
+            "rules": [[name, rules_doc.get(name)] for name in stage.rules],
+            "code": code,
+            "kernel": KERNEL_VERSION,
+            "format": CACHE_FORMAT,
+            "salt": options.salt,
+        })
+    return configs
+
+
+def chain_keys(input_digest: str, configs: list[dict]) -> list[str]:
+    """key_i = sha256(key_{i-1} or the input digest, config_i): full digests, canonical JSON."""
+    keys, prev = [], {"input": input_digest}
+    for config in configs:
+        key = digest_of({"previous": prev, "config": config})
+        keys.append(key)
+        prev = key
+    return keys
+
+
+# --- tasks ----------------------------------------------------------------------------------------------
+
+
+def _task_prefix(recipe_path: Path, job) -> str:
+    """Task names are basenames (no ':'), so they can name each other in task_dep from any dodo.py."""
+    model = Path(os.path.relpath(job.input, Path(recipe_path).parent)).as_posix()
+    return f"mlqpipe/{Path(_rel(recipe_path)).with_suffix('').as_posix()}/{model}"
+
+
+def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs):
+    """doit task dicts for every recipe matching `patterns` (paths or globs).
+
+    Use from your dodo.py:
+        from mlqpipe.build import tasks_from_recipes, DOIT_CONFIG
+        def task_quantize():
+            yield from tasks_from_recipes("recipes/*.yaml")
+    """
+    import glob as _glob
+
+    from doit.tools import config_changed
+
+    options = options or BuildOptions(**kwargs)
+    paths = []
+    for pattern in patterns:
+        found = sorted(_glob.glob(str(pattern), recursive=True)) if _glob.has_magic(str(pattern)) else [str(pattern)]
+        paths += found
+    from ..errors import RecipeError
+    from ..recipe import check_recipe_collisions
+
+    recipes, problems = [], []
+    for path in paths:
+        try:
+            recipes.append(load_for_build(path, options))
+        except RecipeError as e:
+            problems += e.problems or [Problem(path, 0, 0, "", str(e))]
+    problems += check_recipe_collisions(recipes)
+    if problems:
+        yield {"basename": "mlqpipe-invalid-recipes", "actions": [(report_problems, [[str(p) for p in problems]])], "verbosity": 2}
+        return
+    outputs = []
+    for recipe in recipes:
+        for job in recipe.models:
+            yield from _job_tasks(recipe, job, options)
+            outputs.append((f"{_task_prefix(recipe.path, job)}/output", str(job.output)))
+    if options.lock_file:
+        yield {
+            "basename": "mlqpipe-lock",
+            "actions": [(write_lock, [[o for _, o in outputs], [Path(_rel(r.path)).as_posix() for r in recipes], options.as_args()])],
+            "task_dep": [name for name, _ in outputs],
+            "file_dep": [o for _, o in outputs],
+            "targets": [options.lock_file],
+            "uptodate": [config_changed({"kernel": KERNEL_VERSION, "outputs": [o for _, o in outputs]})],
+            "doc": "record inputs, recipe, stage keys and output digests of every output",
+            "clean": True,
+        }
+
+
+def _job_tasks(recipe, job, options: BuildOptions):
+    from doit.tools import config_changed
+
+    prefix = _task_prefix(recipe.path, job)
+    configs = stage_configs(recipe, job, options)
+    args = [str(recipe.path), str(job.input), options.as_args()]
+    previous = None
+    for i, stage in enumerate(job.stages):
+        name = f"{prefix}/{i + 1}-{stage.name}"
+        yield {
+            "basename": name,
+            "actions": [(run_stage_action, args + [i])],
+            "file_dep": [str(job.input)],
+            "task_dep": [previous] if previous else [],
+            "uptodate": [config_changed({"chain": digest_of(configs[: i + 1])})],
+            "doc": f"{stage.label} on {_rel(job.input)}",
+            "verbosity": 0,
+        }
+        previous = name
+    yield {
+        "basename": f"{prefix}/output",
+        "actions": [(write_output_action, args)],
+        "file_dep": [str(job.input)],
+        "task_dep": [previous] if previous else [],
+        "targets": [str(job.output)],
+        "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output)})],
+        "clean": True,
+        "doc": f"write {_rel(job.output)}",
+    }
+
+
+# --- actions (module level, plain arguments: picklable for doit -n under spawn) ------------------------------
+
+
+def report_problems(lines) -> bool:
+    import sys
+
+    print(f"{len(lines)} problem{'s' if len(lines) != 1 else ''} in recipes:", file=sys.stderr)
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+    return False
+
+
+def _context(recipe_path, input_path, options_dict):
+    options = BuildOptions(**options_dict)
+    recipe = load_for_build(recipe_path, options)
+    job = next(j for j in recipe.models if str(j.input) == input_path)
+    return options, recipe, job
+
+
+def _log(options: BuildOptions, event: dict) -> None:
+    log = Path(options.state_dir) / "run.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event, sort_keys=True) + "\n")
+
+
+def _stage_bytes(options, recipe, job, upto: int) -> tuple[bytes, list[str], bool]:
+    """Bytes after stage `upto` (inclusive; -1 = the input), from the cache or computed, and whether any
+    stage had to be computed."""
+    from .cache import Cache, sha256
+
+    cache = Cache(Path(options.cache_dir), options.read_only_cache)
+    data = Path(job.input).read_bytes()
+    keys = chain_keys(sha256(data), stage_configs(recipe, job, options))
+    # find the furthest stage already cached, then compute forward from there
+    start, current = 0, data
+    for i in range(upto, -1, -1):
+        hit = cache.get(keys[i])
+        if hit is not None:
+            start, current = i + 1, hit
+            break
+    computed = start <= upto
+    if computed:
+        from ..coreml.model import parse_model
+        from ..execute import run_stage
+
+        model = parse_model(current, str(job.input))
+        for i in range(start, upto + 1):
+            run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
+            current = model.SerializeToString()
+            cache.put(keys[i], current, {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
+    for problem in cache.problems:
+        _log(options, {"event": "cache-problem", "message": problem})
+    return current, keys, computed
+
+
+def run_stage_action(recipe_path, input_path, options_dict, index) -> dict:
+    options, recipe, job = _context(recipe_path, input_path, options_dict)
+    _, keys, computed = _stage_bytes(options, recipe, job, index)
+    _log(options, {"event": "stage", "recipe": recipe_path, "input": input_path, "stage": job.stages[index].name, "computed": computed})
+    return {"key": keys[index], "computed": computed}
+
+
+def write_output_action(recipe_path, input_path, options_dict) -> dict:
+    from ..coreml.model import parse_model
+    from .cache import sha256
+
+    options, recipe, job = _context(recipe_path, input_path, options_dict)
+    data, keys, computed = _stage_bytes(options, recipe, job, len(job.stages) - 1)
+    parse_model(data, str(job.output)).save(job.output)  # checked against Core ML's rules, atomic
+    entry = {
+        "output": Path(_rel(job.output)).as_posix(),
+        "output_sha256": sha256(data),
+        "inputs": {Path(_rel(job.input)).as_posix(): sha256(Path(job.input).read_bytes())},
+        "recipe": Path(_rel(recipe.path)).as_posix(),
+        "recipe_sha256": digest_of(recipe.document),
+        "stage_keys": keys,
+    }
+    from ..coreml.model import atomic_write
+
+    atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
+    _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": entry["output"], "computed": computed,
+                   "bytes_before": os.path.getsize(job.input), "bytes_after": len(data)})
+    return {"output_sha256": entry["output_sha256"]}
+
+
+def _entry_path(options: BuildOptions, output) -> Path:
+    return Path(options.state_dir) / "entries" / (hashlib.sha256(str(Path(output).resolve()).encode()).hexdigest() + ".json")
+
+
+def write_lock(outputs, recipes, options_dict) -> None:
+    """Entries of this build's recipes are replaced; entries of other recipes that still exist are kept
+    (building a subset of recipes does not forget the rest)."""
+    import numpy
+    from google.protobuf import __version__ as protobuf_version
+
+    from .. import __version__
+    from ..coreml.model import atomic_write
+
+    options = BuildOptions(**options_dict)
+    try:
+        previous = json.loads(Path(options.lock_file).read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = {}
+    entries = {k: v for k, v in previous.items() if v.get("recipe") not in recipes and Path(v.get("recipe", "")).is_file()}
+    for out in outputs:
+        entry = json.loads(_entry_path(options, out).read_text(encoding="utf-8"))
+        entries[entry["output"]] = entry
+    lock = {
+        "lock_format": 1,
+        "versions": {"mlqpipe": __version__, "numpy": numpy.__version__, "protobuf": protobuf_version, "kernel": KERNEL_VERSION},
+        "outputs": dict(sorted(entries.items())),
+    }
+    atomic_write(options.lock_file, (json.dumps(lock, sort_keys=True, indent=2) + "\n").encode())

@@ -1,0 +1,136 @@
+"""Only changed models rebuild: counted from the tasks doit actually executed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlqpipe.build import tasks as build_tasks
+from mlqpipe.cli import main
+from tests.conftest import REPO
+
+RECIPE = """\
+version: 1
+models:
+  - {{input: {model}, output: 'out/{{stem}}.{name}.mlmodel'}}
+rules:
+  large: {{layer_type: innerProduct, field: weights, count: {{min: 4096}}}}
+  rest: {{storage: float32}}
+stages:
+  - {{name: large, mode: linear, nbits: {nbits}, rules: [large]}}
+  - {{name: rest, mode: fp16, rules: [rest]}}
+"""
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    for name in ("digits_mlp.mlmodel", "digits_cnn.mlmodel"):
+        shutil.copy(REPO / "pipelines" / "demo" / name, tmp_path / name)
+    (tmp_path / "recipes").mkdir()
+    for name, model in (("a", "digits_mlp.mlmodel"), ("b", "digits_mlp.mlmodel"), ("c", "digits_cnn.mlmodel")):
+        write(tmp_path / "recipes" / f"{name}.yaml", name, f"../{model}", 8)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLQPIPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def write(path, name, model, nbits, extra=""):
+    text = RECIPE.format(model=model, name=name, nbits=nbits)
+    if "digits_cnn" in model:  # the convnet's large weights are a convolution
+        text = text.replace("layer_type: innerProduct", "layer_type: [innerProduct, convolution]").replace("min: 4096", "min: 256")
+    path.write_text(extra + text)
+
+
+def build(capsys, *args) -> list[str]:
+    assert main(["build", "recipes/*.yaml", *args]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    return sorted(line[3:].strip() for line in out.splitlines() if line.startswith(".  "))
+
+
+def summary(capsys, *args) -> str:
+    assert main(["build", "recipes/*.yaml", *args]) == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("mlqpipe build:")][0]
+
+
+def test_first_build_then_nothing(project, capsys):
+    first = build(capsys)
+    assert len(first) == 3 * 3 + 1  # 3 models x (2 stages + output) + lock
+    assert build(capsys) == []
+
+
+def test_editing_one_recipe_reruns_only_its_models(project, capsys):
+    build(capsys)
+    write(project / "recipes" / "b.yaml", "b", "../digits_mlp.mlmodel", 4)
+    ran = build(capsys)
+    assert all("/recipes/b/" in t for t in ran if t != "mlqpipe-lock"), ran
+    assert ran == sorted(["mlqpipe/recipes/b/../digits_mlp.mlmodel/1-large", "mlqpipe/recipes/b/../digits_mlp.mlmodel/2-rest",
+                          "mlqpipe/recipes/b/../digits_mlp.mlmodel/output", "mlqpipe-lock"])
+
+
+def test_touch_without_change_reruns_nothing(project, capsys):
+    build(capsys)
+    later = time.time() + 5
+    for p in project.glob("*.mlmodel"):
+        os.utime(p, (later, later))
+    assert build(capsys) == []
+
+
+def test_stage_parameter_change_reruns_that_stage_and_later_only(project, capsys):
+    build(capsys)
+    text = (project / "recipes" / "a.yaml").read_text().replace("mode: fp16, rules: [rest]", "mode: linear, nbits: 6, rules: [rest]")
+    (project / "recipes" / "a.yaml").write_text(text)
+    ran = build(capsys)
+    assert ran == sorted(["mlqpipe/recipes/a/../digits_mlp.mlmodel/2-rest", "mlqpipe/recipes/a/../digits_mlp.mlmodel/output", "mlqpipe-lock"])
+
+
+def test_comment_change_reruns_nothing(project, capsys):
+    build(capsys)
+    p = project / "recipes" / "c.yaml"
+    p.write_text("# a new comment\n" + p.read_text().replace("version: 1", "version: 1  # still one"))
+    assert build(capsys) == []
+
+
+def test_kernel_version_bump_invalidates_everything(project, capsys, monkeypatch):
+    build(capsys)
+    monkeypatch.setattr(build_tasks, "KERNEL_VERSION", build_tasks.KERNEL_VERSION + 1)
+    assert len(build(capsys)) == 10
+    assert "0 built, 3 from cache" in summary(capsys, "--force")  # forced tasks find every stage cached
+
+
+def test_removed_model_is_reported_stale_and_pruned(project, capsys):
+    build(capsys)
+    (project / "recipes" / "c.yaml").unlink()
+    assert main(["build", "recipes/*.yaml"]) == 0
+    assert "stale: recipes/out/digits_cnn.c.mlmodel (no recipe produces it any more); --prune removes it" in capsys.readouterr().out
+    assert (project / "recipes" / "out" / "digits_cnn.c.mlmodel").exists()
+    assert main(["build", "recipes/*.yaml", "--dry-run"]) == 0
+    assert "stale: recipes/out/digits_cnn.c.mlmodel" in capsys.readouterr().out
+    assert main(["build", "recipes/*.yaml", "--prune"]) == 0
+    assert "recipes/out/digits_cnn.c.mlmodel (no recipe produces it any more) — removed" in capsys.readouterr().out
+    assert not (project / "recipes" / "out" / "digits_cnn.c.mlmodel").exists()
+
+
+def test_lock_file_records_everything_stably(project, capsys):
+    build(capsys)
+    text = (project / "mlqpipe.lock.json").read_text()
+    lock = json.loads(text)
+    entry = lock["outputs"]["recipes/out/digits_mlp.a.mlmodel"]
+    assert entry["inputs"] == {"digits_mlp.mlmodel": __import__("hashlib").sha256((project / "digits_mlp.mlmodel").read_bytes()).hexdigest()}
+    assert len(entry["stage_keys"]) == 2 and all(len(k) == 64 for k in entry["stage_keys"])
+    assert entry["output_sha256"] == __import__("hashlib").sha256((project / "recipes/out/digits_mlp.a.mlmodel").read_bytes()).hexdigest()
+    assert set(lock["versions"]) == {"mlqpipe", "numpy", "protobuf", "kernel"}
+    assert text == json.dumps(lock, sort_keys=True, indent=2) + "\n"
+
+
+def test_broken_recipe_under_doit_prints_located_errors(project, capsys):
+    (project / "recipes" / "a.yaml").write_text("version: 1\nstagse: []\n")
+    assert main(["build", "recipes/*.yaml"]) != 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "recipes/a.yaml:2:1: stagse: unknown key 'stagse'" in text
+    assert "Traceback" not in text
