@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     _build_options(s)
     s.set_defaults(run=_build)
 
+    s = sub.add_parser("verify", help="check that outputs and inputs on disk match the lock file")
+    s.add_argument("lock", nargs="?", default="mlqpipe.lock.json")
+    s.set_defaults(run=_verify)
+
+    s = sub.add_parser("diff", help="compare two lock files (e.g. main and a pull request)")
+    s.add_argument("old")
+    s.add_argument("new")
+    s.set_defaults(run=_diff)
+
     s = sub.add_parser("cache", help="inspect or maintain the stage cache")
     s.add_argument("action", choices=["stats", "verify", "prune"])
     _build_options(s)
@@ -131,6 +140,24 @@ def _cache(args) -> int:
     removed = cache.prune(referenced_keys(options))
     print(f"{cache.root}: removed {removed} file(s) not referenced by {options.lock_file}")
     return EXIT_OK
+
+
+def _verify(args) -> int:
+    from .build.lock import verify
+
+    problems = verify(args.lock)
+    for p in problems:
+        print(f"mlqpipe: verify: {p}", file=sys.stderr)
+    print(f"{args.lock}: {'verified' if not problems else f'{len(problems)} problem(s)'}")
+    return EXIT_FINDINGS if problems else EXIT_OK
+
+
+def _diff(args) -> int:
+    from .build.lock import diff
+
+    lines = diff(args.old, args.new)
+    print("\n".join(lines) if lines else "no differences")
+    return EXIT_FINDINGS if lines else EXIT_OK
 
 
 def _commands():

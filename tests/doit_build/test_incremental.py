@@ -134,3 +134,54 @@ def test_broken_recipe_under_doit_prints_located_errors(project, capsys):
     text = out.out + out.err
     assert "recipes/a.yaml:2:1: stagse: unknown key 'stagse'" in text
     assert "Traceback" not in text
+
+
+def test_verify_and_diff(project, capsys):
+    build(capsys)
+    shutil.copy(project / "mlqpipe.lock.json", project / "old.lock.json")
+    assert main(["verify"]) == 0
+    assert "mlqpipe.lock.json: verified" in capsys.readouterr().out
+    write(project / "recipes" / "b.yaml", "b", "../digits_mlp.mlmodel", 4)
+    build(capsys)
+    assert main(["diff", "old.lock.json", "mlqpipe.lock.json"]) == 1
+    out = capsys.readouterr().out
+    assert out.strip() == "~ recipes/out/digits_mlp.b.mlmodel: recipe changed, stage keys changed from stage 1, output bytes changed"
+    (project / "recipes" / "out" / "digits_mlp.a.mlmodel").write_bytes(b"tampered")
+    assert main(["verify"]) == 1
+    assert "recipes/out/digits_mlp.a.mlmodel: content differs from the lock file" in capsys.readouterr().err
+
+
+def test_cache_commands_and_corrupted_entry_is_rebuilt(project, capsys):
+    build(capsys)
+    assert main(["cache", "verify"]) == 0
+    objects = sorted((project / "cache" / "objects").glob("*/*"))
+    objects[0].write_bytes(b"corrupted")
+    assert main(["cache", "verify"]) == 1
+    assert "bytes do not match their digest" in capsys.readouterr().err
+    shutil.rmtree(project / ".mlqpipe-state")  # forget doit's state: every task runs, the cache answers
+    shutil.rmtree(project / "recipes" / "out")
+    line = summary(capsys)
+    assert "0 built, 3 from cache" not in line and "from cache" in line  # one model recomputed its corrupted stage
+    assert main(["cache", "verify"]) == 0  # healed
+    capsys.readouterr()
+    assert main(["cache", "stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys"] == 4  # recipes a and b share their stages: same model, same config
+
+
+def test_shared_cache_two_checkouts_parallel_spawn(tmp_path):
+    """Two directories, -n 1 and -n 4 (spawn start method: every task pickles), one shared cache:
+    the second build is served from the cache and the outputs are byte-identical."""
+    cache = tmp_path / "shared-cache"
+    outs = []
+    for name, jobs in (("one", "1"), ("two", "4")):
+        d = tmp_path / name
+        shutil.copytree(REPO / "pipelines", d / "pipelines")
+        env = {**os.environ, "MLQPIPE_CACHE": str(cache), "MLQPIPE_START_METHOD": "spawn"}
+        proc = subprocess.run([sys.executable, "-m", "mlqpipe.cli", "build", "-j", jobs, "pipelines/**/*.yaml"],
+                              cwd=d, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        summary_line = [l for l in proc.stdout.splitlines() if l.startswith("mlqpipe build:")][0]
+        outs.append((summary_line, {p.relative_to(d): p.read_bytes() for p in (d / "build").rglob("*.mlmodel")}))
+    assert outs[0][0].startswith("mlqpipe build: 9 built, 0 from cache")
+    assert outs[1][0].startswith("mlqpipe build: 0 built, 9 from cache")
+    assert outs[0][1] == outs[1][1] and len(outs[0][1]) == 9
