@@ -11,6 +11,6 @@ In your dodo.py:
 from .tasks import BuildOptions, tasks_from_recipes
 
 # doit state in a tool-specific sqlite3 file (the default dbm backend is one-process-only and can corrupt)
-DOIT_CONFIG = {"dep_file": ".mlqpipe-state/doit.sqlite3", "backend": "sqlite3", "verbosity": 0}
+DOIT_CONFIG = {"dep_file": ".mlqpipe-doit.sqlite3", "backend": "sqlite3", "verbosity": 0}  # in the project root: doit opens it before any task code runs
 
 __all__ = ["tasks_from_recipes", "BuildOptions", "DOIT_CONFIG"]

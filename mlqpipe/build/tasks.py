@@ -154,6 +154,7 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
     from doit.tools import config_changed
 
     options = options or BuildOptions(**kwargs)
+    Path(options.state_dir).mkdir(parents=True, exist_ok=True)  # doit's sqlite3 dep file lives here
     paths = []
     for pattern in patterns:
         found = sorted(_glob.glob(str(pattern), recursive=True)) if _glob.has_magic(str(pattern)) else [str(pattern)]
