@@ -1,21 +1,25 @@
-"""The demo: build pipelines/demo/demo.yaml and compare size and held-out accuracy before and after.
+"""The demo: build pipelines/demo/demo.yaml through the doit build (cached, incremental) and compare size and
+held-out accuracy before and after.
 
-Run from anywhere: `python pipelines/demo/run_demo.py`. Outputs go to `build/demo/` in the repository.
+Run from anywhere: `python pipelines/demo/run_demo.py`. Outputs go to `build/demo/` in the repository; the
+cache to `.mlqpipe-cache/` (run it twice: the second build is a no-op).
 (The quality issue replaces the small forward pass below with mlqpipe's own evaluator and gates.)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import mlqpipe
-from mlqpipe.execute import quantize_recipe
+from mlqpipe.build.run import build
 from mlqpipe.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def predict(model, X: np.ndarray) -> np.ndarray:
@@ -39,12 +43,16 @@ def predict(model, X: np.ndarray) -> np.ndarray:
 
 
 def main() -> int:
+    os.chdir(ROOT)
     data = np.load(HERE / "digits_test.npz")
     X, y = data["X"], data["y"]
-    recipe = load_recipe(HERE / "demo.yaml")
-    print(f"building {recipe.path.name}: " + ", ".join(s.label for s in recipe.stages))
-    print(f"{'model':<22}{'bytes before':>14}{'after':>9}{'ratio':>8}{'accuracy before':>18}{'after':>8}")
-    for job, _ in quantize_recipe(recipe):
+    recipe = load_recipe("pipelines/demo/demo.yaml")
+    print(f"building {recipe.path}: " + ", ".join(s.label for s in recipe.stages))
+    status = build(["pipelines/demo/demo.yaml"])
+    if status != 0:
+        return status
+    print(f"\n{'model':<22}{'bytes before':>14}{'after':>9}{'ratio':>8}{'accuracy before':>18}{'after':>8}")
+    for job in recipe.models:
         before, after = job.input.stat().st_size, job.output.stat().st_size
         acc0 = np.mean(predict(mlqpipe.load_model(job.input), X) == y)
         acc1 = np.mean(predict(mlqpipe.load_model(job.output), X) == y)
