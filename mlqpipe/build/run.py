@@ -12,9 +12,16 @@ from .tasks import BuildOptions, tasks_from_recipes
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
 
 
+def _tasks(options: BuildOptions | None = None) -> list[dict]:
+    """The task dicts for this invocation, generated once (recipes are read once per build)."""
+    if _CURRENT.get("tasks") is None:
+        _CURRENT["tasks"] = list(tasks_from_recipes(*_CURRENT["patterns"], options=options or _CURRENT["options"]))
+    return _CURRENT["tasks"]
+
+
 def task_mlqpipe():
     """Generated from the recipes named on the command line."""
-    yield from tasks_from_recipes(*_CURRENT["patterns"], options=_CURRENT["options"])
+    yield from _tasks()
 
 
 def _doit(argv: list[str], options: BuildOptions) -> int:
@@ -44,7 +51,7 @@ def _lock_outputs(options: BuildOptions) -> dict:
 def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False, prune: bool = False,
           options: BuildOptions | None = None, verbose: int = 0) -> int:
     options = options or BuildOptions()
-    _CURRENT["patterns"], _CURRENT["options"] = tuple(patterns), options
+    _CURRENT["patterns"], _CURRENT["options"], _CURRENT["tasks"] = tuple(patterns), options, None
     _CURRENT["previous_lock"] = _lock_outputs(options)
     if dry_run:
         return _dry_run(options)
@@ -73,7 +80,7 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
 def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
     """(outputs, recipes) of the recipes named for this build."""
     outs, recipes = set(), set()
-    for task in tasks_from_recipes(*_CURRENT["patterns"], options=options):
+    for task in _tasks(options):
         if task.get("basename") == "mlqpipe-lock":
             recipes = set(task["actions"][0][1][1])
         for t in task.get("targets", []):
