@@ -1,0 +1,70 @@
+"""Killed builds and concurrent builds: no partial outputs, intact cache, identical results."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlqpipe.build.cache import Cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from build_timing import RECIPE, make_model  # noqa: E402
+
+N = 24
+
+
+def _project(root: Path) -> Path:
+    (root / "models").mkdir(parents=True)
+    (root / "recipes").mkdir()
+    for i in range(N):
+        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(make_model(i))
+        (root / "recipes" / f"r{i:02d}.yaml").write_text(RECIPE.format(i=i, nbits=4))
+    return root
+
+
+def _build(root: Path, cache: Path, **kw):
+    env = {**os.environ, "MLQPIPE_CACHE": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "mlqpipe.cli", "build", "recipes/*.yaml"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _outputs(root: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((root / "out").glob("*"))} if (root / "out").exists() else {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = _project(tmp_path_factory.mktemp("reference"))
+    proc = _build(root, root / "cache")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return _outputs(root)
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.9, 1.4])
+def test_killed_build_leaves_no_partial_output_and_heals(tmp_path, reference, delay):
+    root = _project(tmp_path)
+    cache = tmp_path / "cache"
+    proc = _build(root, cache)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    partial = _outputs(root)
+    assert all(reference[name] == data for name, data in partial.items())  # complete files or none
+    assert Cache(cache).verify() == []
+    again = _build(root, cache)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert _outputs(root) == reference
+
+
+def test_two_builds_at_once(tmp_path, reference):
+    root = _project(tmp_path)
+    cache = tmp_path / "cache"
+    a, b = _build(root, cache), _build(root, cache)
+    assert a.wait(timeout=300) == 0, a.stderr.read()
+    assert b.wait(timeout=300) == 0, b.stderr.read()
+    assert _outputs(root) == reference
+    assert Cache(cache).verify() == []
