@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..fileio import atomic_write
 
 CACHE_FORMAT = 1
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @dataclass
@@ -78,9 +63,9 @@ class Cache:
             return digest
         obj = self._object_path(digest)
         if not (obj.is_file() and sha256(obj.read_bytes()) == digest):
-            _atomic_write(obj, data)
+            atomic_write(obj, data, fsync=False)
         manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
-        _atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
+        atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
         return digest
 
     # --- maintenance: mlqpipe cache stats|verify|prune ---------------------------------------------------

@@ -109,7 +109,7 @@ def _stale_outputs(options: BuildOptions) -> list[str]:
         pass
     stale = sorted(p for p in stale if Path(p).exists())
     # the lock file forgets outputs no recipe makes; remember them here until they are pruned
-    from ..coreml.model import atomic_write
+    from ..fileio import atomic_write
 
     atomic_write(remembered, json.dumps(stale).encode())
     return stale

@@ -87,7 +87,7 @@ def load_for_build(recipe_path, options: BuildOptions):
         trusted = False
     recipe = load_recipe(recipe_path, schema=not trusted)
     if not trusted:
-        from ..coreml.model import atomic_write
+        from ..fileio import atomic_write
 
         atomic_write(mark, json.dumps({"version": __version__, "files": _file_digests(recipe.files)}, sort_keys=True).encode())
     return recipe
@@ -299,7 +299,7 @@ def write_output_action(recipe_path, input_path, options_dict) -> dict:
         "recipe_sha256": digest_of(recipe.document),
         "stage_keys": keys,
     }
-    from ..coreml.model import atomic_write
+    from ..fileio import atomic_write
 
     atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
     _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": entry["output"], "computed": computed,
@@ -318,7 +318,7 @@ def write_lock(outputs, recipes, options_dict) -> None:
     from google.protobuf import __version__ as protobuf_version
 
     from .. import __version__
-    from ..coreml.model import atomic_write
+    from ..fileio import atomic_write
 
     options = BuildOptions(**options_dict)
     try:

@@ -8,13 +8,13 @@ modified. `CoreMLModel.save` checks the model against Core ML's loading rules, t
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from google.protobuf.message import DecodeError
 
 from ..errors import ModelError
+from ..fileio import atomic_write
 from . import proto
 from .description import read_description
 
@@ -54,25 +54,6 @@ class CoreMLModel:
 
     def __repr__(self) -> str:
         return f"CoreMLModel({self.source!r}, type={self.model_type}, specificationVersion={self.spec.specificationVersion})"
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def load_model(model: Any, *, name: str | None = None) -> CoreMLModel:

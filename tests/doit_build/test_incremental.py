@@ -185,3 +185,26 @@ def test_shared_cache_two_checkouts_parallel_spawn(tmp_path):
     assert outs[0][0].startswith("mlqpipe build: 9 built, 0 from cache")
     assert outs[1][0].startswith("mlqpipe build: 0 built, 9 from cache")
     assert outs[0][1] == outs[1][1] and len(outs[0][1]) == 9
+
+
+def test_noop_build_imports_nothing_heavy(project, capsys):
+    build(capsys)
+    code = ("import sys; from mlqpipe.cli import main; assert main(['build', 'recipes/*.yaml']) == 0; "
+            "print('HEAVY', sorted(m for m in ('numpy', 'google.protobuf', 'jsonschema', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout and "0 built, 0 from cache, 3 up to date" in proc.stdout
+
+
+def test_cache_prune_keeps_what_the_lock_file_references(project, capsys):
+    build(capsys)
+    write(project / "recipes" / "b.yaml", "b", "../digits_mlp.mlmodel", 4)
+    build(capsys)  # the 8-bit stage keys of b are no longer referenced... but a still uses them
+    write(project / "recipes" / "a.yaml", "a", "../digits_mlp.mlmodel", 6)
+    build(capsys)
+    capsys.readouterr()
+    assert main(["cache", "prune"]) == 0
+    assert "removed 4 file(s)" in capsys.readouterr().out  # the old 8-bit stages: 2 manifests + 2 objects
+    assert main(["cache", "verify"]) == 0
+    shutil.rmtree(project / ".mlqpipe-state")
+    assert "0 built, 3 from cache" in summary(capsys)

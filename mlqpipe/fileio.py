@@ -1,0 +1,28 @@
+"""Atomic file writes, shared by model outputs, the cache and build state (no heavy imports)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path, data: bytes, *, fsync: bool = True) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: readers (and a build killed
+    half-way) never see a partial file. `fsync` also survives a power cut; cheap for our file sizes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
