@@ -1,0 +1,140 @@
+"""Parse-only definitions for the layer parameters our model I/O keeps opaque (pooling, flatten, ...).
+
+The model spec stores these sub-messages as bytes (we never rewrite them); the evaluator parses a copy when it
+needs a kernel size or a padding amount.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..coreml.proto import build_messages
+
+_SCHEMA = """
+message EdgeSizes
+  1 startEdgeSize uint64
+  2 endEdgeSize uint64
+
+message BorderAmounts
+  10 borderAmounts EdgeSizes repeated
+
+message ValidPadding
+  1 paddingAmounts BorderAmounts
+
+message SamePadding
+  1 asymmetryMode int32
+
+message PoolingLayerParams
+  1 type int32
+  10 kernelSize uint64 repeated
+  20 stride uint64 repeated
+  oneof PoolingPaddingType
+    30 valid bytes
+    31 same bytes
+    32 includeLastPixel bytes
+  50 avgPoolExcludePadding bool
+  60 globalPooling bool
+
+message FlattenLayerParams
+  1 mode int32
+
+message ReshapeLayerParams
+  1 targetShape int64 repeated
+  2 mode int32
+
+message PermuteLayerParams
+  1 axis uint64 repeated
+
+message ConcatLayerParams
+  100 sequenceConcat bool
+
+message AddLayerParams
+  1 alpha float
+
+message MultiplyLayerParams
+  1 alpha float
+
+message SoftmaxLayerParams
+  1 unused bool
+
+message AlphaBeta
+  1 alpha float
+  2 beta float
+
+message ActivationKinds
+  oneof NonlinearityType
+    5 linear AlphaBeta
+    10 ReLU bytes
+    15 leakyReLU AlphaBeta
+    20 thresholdedReLU AlphaBeta
+    25 PReLU bytes
+    30 tanh bytes
+    31 scaledTanh AlphaBeta
+    40 sigmoid bytes
+    41 sigmoidHard AlphaBeta
+    50 ELU AlphaBeta
+    60 softsign bytes
+    70 softplus bytes
+    71 parametricSoftplus bytes
+
+message ImageScaler
+  10 channelScale float
+  20 blueBias float
+  21 greenBias float
+  22 redBias float
+  30 grayBias float
+
+message Preprocessing
+  1 featureName string
+  10 scaler ImageScaler
+  11 meanImage bytes
+
+message StringVector
+  1 vector string repeated
+
+message Int64Vector
+  1 vector int64 repeated
+"""
+
+_C = build_messages(_SCHEMA, "mlqpipe.evaluate")
+ValidPadding, SamePadding = _C["ValidPadding"], _C["SamePadding"]
+Preprocessing, StringVector, Int64Vector = _C["Preprocessing"], _C["StringVector"], _C["Int64Vector"]
+LAYER_PARAMS = {
+    "pooling": _C["PoolingLayerParams"],
+    "flatten": _C["FlattenLayerParams"],
+    "reshape": _C["ReshapeLayerParams"],
+    "permute": _C["PermuteLayerParams"],
+    "concat": _C["ConcatLayerParams"],
+    "add": _C["AddLayerParams"],
+    "multiply": _C["MultiplyLayerParams"],
+    "softmax": _C["SoftmaxLayerParams"],
+}
+
+
+def activation_params(p, kind: str) -> dict:
+    """alpha / beta of an activation whose sub-message our model I/O keeps as bytes."""
+    raw = getattr(p, kind)
+    if not isinstance(raw, bytes):
+        return {}
+    msg = _C["AlphaBeta"].FromString(raw)
+    return {"alpha": msg.alpha, "beta": msg.beta}
+
+
+def _fn(kind: str):
+    return {
+        "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+        "tanh": np.tanh,
+        "ReLU": lambda x: np.maximum(x, 0),
+        "linear": lambda x: x,
+    }.get(kind)
+
+
+def lstm_activations(raw_list, layer):
+    """The three LSTM activation functions (gates, block input, output)."""
+    from .forward import Unsupported
+
+    kinds = [_C["ActivationKinds"].FromString(r).WhichOneof("NonlinearityType") for r in raw_list] or ["sigmoid", "tanh", "tanh"]
+    fns = [_fn(k) for k in kinds]
+    if len(fns) != 3 or any(f is None for f in fns):
+        raise Unsupported(f"layer '{layer.name}': LSTM activations {kinds} are not implemented by mlqpipe's evaluator")
+    return fns
