@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     _build_options(s)
     s.set_defaults(run=_cache)
 
+    s = sub.add_parser("report", help="print the quality report of a built output (or of every output of a recipe)")
+    s.add_argument("target", metavar="OUTPUT_OR_RECIPE")
+    s.add_argument("--json", action="store_true", help="the JSON report instead of Markdown")
+    s.set_defaults(run=_report)
+
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     s.set_defaults(run=_schema)
 
@@ -139,6 +144,28 @@ def _cache(args) -> int:
 
     removed = cache.prune(referenced_keys(options))
     print(f"{cache.root}: removed {removed} file(s) not referenced by {options.lock_file}")
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from .errors import MlqpipeError
+
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        from .recipe import load_recipe
+
+        recipe = load_recipe(target)
+        paths = [recipe.report_paths(job) for job in recipe.models]
+    else:
+        stem = target.name[: -len(".mlmodel")] if target.name.endswith(".mlmodel") else target.name
+        paths = [(target.with_name(f"{stem}.report.json"), target.with_name(f"{stem}.report.md"))]
+    for json_path, md_path in paths:
+        path = json_path if args.json else md_path
+        if not path.is_file():
+            raise MlqpipeError(f"{path}: no report; build the model first (mlqpipe build / mlqpipe quantize)")
+        sys.stdout.write(path.read_text(encoding="utf-8"))
     return EXIT_OK
 
 

@@ -43,18 +43,43 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
     return plan
 
 
-def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool = True, model: CoreMLModel | None = None) -> tuple[CoreMLModel, list[StagePlan]]:
-    """All of a model's stages, in order, on a fresh copy of its input."""
+def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool = True, model: CoreMLModel | None = None,
+            snapshots: list | None = None) -> tuple[CoreMLModel, list[StagePlan]]:
+    """All of a model's stages, in order, on a fresh copy of its input. `snapshots`, when given, receives
+    the spec before the first stage and after each one (for reports)."""
     model = (model or load_model(job.input)).copy()
-    plans = [run_stage(model, stage, recipe, allow_custom=allow_custom) for stage in job.stages]
+    if snapshots is not None:
+        snapshots.append(model.copy().spec)
+    plans = []
+    for stage in job.stages:
+        plans.append(run_stage(model, stage, recipe, allow_custom=allow_custom))
+        if snapshots is not None:
+            snapshots.append(model.copy().spec)
     return model, plans
 
 
+def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan]) -> dict:
+    """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
+    output, checked against Core ML's rules and written atomically."""
+    from .quality import GateFailure, assess
+    from .report import write_report
+
+    try:
+        report = assess(job, recipe, specs, [p.decisions for p in plans])
+    except GateFailure as e:
+        write_report(e.report, job, recipe, recipe.report.formats)
+        raise
+    model.save(job.output)
+    write_report(report, job, recipe, recipe.report.formats)
+    return report
+
+
 def quantize_recipe(recipe: Recipe, *, allow_custom: bool = True) -> list[tuple[ModelJob, list[StagePlan]]]:
-    """Build every model of a recipe and write each output through the checked, atomic save."""
+    """Build every model of a recipe: stages, assessment, checked atomic writes."""
     done = []
     for job in recipe.models:
-        model, plans = run_job(job, recipe, allow_custom=allow_custom)
-        model.save(job.output)
+        specs: list = []
+        model, plans = run_job(job, recipe, allow_custom=allow_custom, snapshots=specs)
+        finish_job(job, recipe, model, specs, plans)
         done.append((job, plans))
     return done

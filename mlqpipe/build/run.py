@@ -20,8 +20,11 @@ def _tasks(options: BuildOptions | None = None) -> list[dict]:
 
 
 def task_mlqpipe():
-    """Generated from the recipes named on the command line."""
-    yield from _tasks()
+    """Generated from the recipes named on the command line (copies: doit consumes the dicts it loads)."""
+    import copy
+
+    for task in _tasks():
+        yield copy.deepcopy(task)
 
 
 def _doit(argv: list[str], options: BuildOptions) -> int:
@@ -83,9 +86,8 @@ def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
     for task in _tasks(options):
         if task.get("basename") == "mlqpipe-lock":
             recipes = set(task["actions"][0][1][1])
-        for t in task.get("targets", []):
-            if t != options.lock_file:
-                outs.add(Path(os.path.relpath(t)).as_posix())
+        if task.get("basename", "").endswith("/output"):
+            outs.add(Path(os.path.relpath(task["targets"][0])).as_posix())
     return outs, recipes
 
 

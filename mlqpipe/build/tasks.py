@@ -132,6 +132,17 @@ def chain_keys(input_digest: str, configs: list[dict]) -> list[str]:
     return keys
 
 
+def _quality_config(recipe, job) -> dict:
+    """What the report and gates depend on besides the stages (as written)."""
+    doc = recipe.document
+    return {
+        "gates": asdict(job.gates),
+        "evaluation": None if job.evaluation is None else {**asdict(job.evaluation), "data": str(job.evaluation.data)},
+        "rule_gates": {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None},
+        "report": doc.get("report"),
+    }
+
+
 # --- tasks ----------------------------------------------------------------------------------------------
 
 
@@ -209,13 +220,15 @@ def _job_tasks(recipe, job, options: BuildOptions):
             "verbosity": 0,
         }
         previous = name
+    reports = [str(p) for p, fmt in zip(recipe.report_paths(job), ("json", "markdown")) if fmt in recipe.report.formats]
+    evaluation_files = [str(job.evaluation.data)] if job.evaluation and job.evaluation.data else []
     yield {
         "basename": f"{prefix}/output",
         "actions": [(write_output_action, args)],
-        "file_dep": [str(job.input)],
+        "file_dep": [str(job.input)] + evaluation_files,
         "task_dep": [previous] if previous else [],
-        "targets": [str(job.output)],
-        "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output)})],
+        "targets": [str(job.output)] + reports,
+        "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output), "quality": _quality_config(recipe, job)})],
         "clean": True,
         "doc": f"write {_rel(job.output)}",
     }
@@ -284,13 +297,35 @@ def run_stage_action(recipe_path, input_path, options_dict, index) -> dict:
     return {"key": keys[index], "computed": computed}
 
 
-def write_output_action(recipe_path, input_path, options_dict) -> dict:
+def write_output_action(recipe_path, input_path, options_dict):
+    """Assess the final model (evaluation, report, gates); write the report, and the output only when every
+    gate passed. A failed gate fails the task with the gate's message."""
+    import sys
+
     from ..coreml.model import parse_model
+    from ..execute import finish_job
+    from ..plan import decide_stage, matchers_for
+    from ..quality import GateFailure
     from .cache import sha256
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
-    data, keys, computed = _stage_bytes(options, recipe, job, len(job.stages) - 1)
-    parse_model(data, str(job.output)).save(job.output)  # checked against Core ML's rules, atomic
+    computed = False
+    specs = []
+    for i in range(-1, len(job.stages)):
+        data, keys, hit = _stage_bytes(options, recipe, job, i)
+        computed |= hit
+        specs.append(parse_model(data, str(job.input)).spec)
+    decisions = [
+        [] if stage.mode == "fold" else decide_stage(specs[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
+        for i, stage in enumerate(job.stages)
+    ]
+    final = parse_model(data, str(job.output))
+    try:
+        finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
+    except GateFailure as e:
+        print(f"mlqpipe: {e}", file=sys.stderr)
+        _log(options, {"event": "gate-failed", "recipe": recipe_path, "input": input_path, "message": str(e)})
+        return False
     entry = {
         "output": Path(_rel(job.output)).as_posix(),
         "output_sha256": sha256(data),
@@ -305,6 +340,12 @@ def write_output_action(recipe_path, input_path, options_dict) -> dict:
     _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": entry["output"], "computed": computed,
                    "bytes_before": os.path.getsize(job.input), "bytes_after": len(data)})
     return {"output_sha256": entry["output_sha256"]}
+
+
+def _plans(stages, decisions):
+    from ..plan import StagePlan
+
+    return [StagePlan(stage, d) for stage, d in zip(stages, decisions)]
 
 
 def _entry_path(options: BuildOptions, output) -> Path:

@@ -45,6 +45,8 @@ def _network(spec):
 def _to_rank5(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
     a = np.asarray(array, dtype=np.float32)
     n = a.shape[0]
+    if list(a.shape[1:]) != list(shape) and int(np.prod(a.shape[1:])) == int(np.prod(shape)):
+        a = a.reshape(n, *shape)  # same values per sample, laid out row-major as the model declares
     if list(a.shape[1:]) != list(shape):
         raise Unsupported(f"input {name!r}: data has shape {a.shape[1:]}, the model declares {tuple(shape)}")
     if len(shape) == 1:

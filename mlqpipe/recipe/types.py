@@ -118,3 +118,12 @@ class Recipe:
     def where(self, *path) -> str:
         file, line, col = self.locations.get(tuple(path), (str(self.path), 0, 0))
         return f"{file}:{line}:{col}" if line else file
+
+    def report_paths(self, job: ModelJob) -> tuple[Path, Path]:
+        """Where the JSON and Markdown reports of `job` go: report.path (a template) or beside the output."""
+        if self.report.path:
+            base = self.path.parent / self.report.path.format(stem=job.input.stem, name=job.input.name, recipe=self.path.stem)
+        else:
+            out = Path(job.output)
+            base = out.with_name(out.name[: -len(".mlmodel")] if out.name.endswith(".mlmodel") else out.name)
+        return Path(f"{base}.report.json"), Path(f"{base}.report.md")

@@ -1,0 +1,104 @@
+"""Assessing a built model: evaluation, report and gates — the check that can stop a release.
+
+Used by `mlqpipe quantize` and by the doit build's output task alike. A failed gate means: the report is
+written (status "failed"), the output is not, and the command or task fails naming the worst weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import MlqpipeError
+from .report import build_report, set_gates
+
+EVALUATION_GATES = ("min_top1_agreement", "max_output_error", "min_accuracy")
+
+
+class GateFailure(MlqpipeError):
+    """A quality gate failed; `report` is the (failed) report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def _load_data(evaluation):
+    if evaluation is None or evaluation.data is None:
+        return None, None
+    with np.load(evaluation.data, allow_pickle=False) as npz:
+        data = {k: npz[k] for k in npz.files}
+    labels = data.get(evaluation.labels) if evaluation.labels else None
+    return data, labels
+
+
+def _gate(name, threshold, value, passed, detail="") -> dict:
+    return {"gate": name, "threshold": threshold, "value": value, "passed": bool(passed), "detail": detail}
+
+
+def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_unevaluated: bool, sizes: tuple[int, int]) -> list[dict]:
+    out = []
+    if gates.min_snr_db is not None and rows:
+        worst = sorted(rows, key=lambda r: r["snr_db"])[:3]
+        low = [r for r in rows if r["snr_db"] < gates.min_snr_db]
+        out.append(_gate("min_snr_db", gates.min_snr_db, worst[0]["snr_db"], not low,
+                         f"{len(low)} weight(s) below: " + ", ".join(f"{r['id']} {r['snr_db']:.1f} dB" for r in sorted(low, key=lambda r: r["snr_db"])[:5])))
+    for rule, threshold in sorted(rule_snr.items()):
+        mine = [r for r in rows if r.get("rule") == rule]
+        if not mine:
+            continue
+        low = [r for r in mine if r["snr_db"] < threshold]
+        worst = min(r["snr_db"] for r in mine)
+        out.append(_gate(f"rules.{rule}.min_snr_db", threshold, worst, not low,
+                         f"{len(low)} weight(s) below: " + ", ".join(f"{r['id']} {r['snr_db']:.1f} dB" for r in sorted(low, key=lambda r: r["snr_db"])[:5])))
+    before, after = sizes
+    if gates.max_size_bytes is not None:
+        out.append(_gate("max_size_bytes", gates.max_size_bytes, after, after <= gates.max_size_bytes, f"output is {after} bytes"))
+    if gates.min_compression is not None:
+        ratio = before / after if after else math.inf
+        out.append(_gate("min_compression", gates.min_compression, ratio, ratio >= gates.min_compression, f"compression {ratio:.2f}x"))
+    wanted = [g for g in EVALUATION_GATES if getattr(gates, g) is not None]
+    if wanted:
+        if evaluation is None or not evaluation.evaluated:
+            reason = evaluation.reason if evaluation is not None else "no evaluation configured"
+            out.append(_gate("evaluation", "evaluated", "not evaluated", allow_unevaluated,
+                             f"not evaluated ({reason}); set evaluation.allow_unevaluated: true to accept that"))
+        else:
+            if gates.min_top1_agreement is not None:
+                v = evaluation.top1_agreement
+                out.append(_gate("min_top1_agreement", gates.min_top1_agreement, v, v is not None and v >= gates.min_top1_agreement,
+                                 "top-1 agreement with the float model" if v is not None else "not a classifier"))
+            if gates.max_output_error is not None:
+                v = max((o["relative_l2"] for o in evaluation.outputs.values()), default=None)
+                out.append(_gate("max_output_error", gates.max_output_error, v, v is not None and v <= gates.max_output_error,
+                                 "largest relative L2 error of an output"))
+            if gates.min_accuracy is not None:
+                v = evaluation.accuracy_quantized
+                out.append(_gate("min_accuracy", gates.min_accuracy, v, v is not None and v >= gates.min_accuracy,
+                                 "accuracy of the quantized model" if v is not None else "no labels in the evaluation data"))
+    return out
+
+
+def assess(job, recipe, specs: list, decisions_by_stage=None) -> dict:
+    """The report of one built model, gates applied. Raises GateFailure when a gate fails."""
+    from .evaluate.compare import evaluate
+
+    evaluation = None
+    wants_eval = job.evaluation is not None or any(getattr(job.gates, g) is not None for g in EVALUATION_GATES)
+    if wants_eval:
+        data, labels = _load_data(job.evaluation)
+        cfg = job.evaluation
+        samples = cfg.random_inputs if cfg is not None and data is None else None
+        evaluation = evaluate(specs[0], specs[-1], data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples)
+    report = build_report(job, recipe, specs, decisions_by_stage, evaluation)
+    rule_snr = {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None}
+    sizes = (report["totals"]["bytes_before"], report["totals"]["bytes_after"])
+    allow = bool(job.evaluation and job.evaluation.allow_unevaluated)
+    gates = check_gates(report.pop("_rows"), job.gates, rule_snr, evaluation, allow, sizes)
+    set_gates(report, gates)
+    failed = [g for g in gates if not g["passed"]]
+    if failed:
+        detail = "; ".join(f"{g['gate']} (threshold {g['threshold']}, got {g['value'] if isinstance(g['value'], str) else round(g['value'], 4)}): {g['detail']}" for g in failed)
+        raise GateFailure(f"{report['output']}: quality gate failed — {detail}; the output was not written", report)
+    return report
