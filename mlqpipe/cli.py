@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except MlqpipeError as e:
+        if type(e).__name__ == "GateFailure":  # a quality finding, not bad input
+            print(f"mlqpipe: {e}", file=sys.stderr)
+            return EXIT_FINDINGS
         print(f"mlqpipe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
