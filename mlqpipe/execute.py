@@ -67,10 +67,10 @@ def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, p
     try:
         report = assess(job, recipe, specs, [p.decisions for p in plans])
     except GateFailure as e:
-        write_report(e.report, job, recipe, recipe.report.formats)
+        write_report(e.report, job, recipe, recipe.report.formats, specs)
         raise
     model.save(job.output)
-    write_report(report, job, recipe, recipe.report.formats)
+    write_report(report, job, recipe, recipe.report.formats, specs)
     return report
 
 

@@ -167,11 +167,50 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, job, recipe, formats=("json", "markdown")) -> list[Path]:
+def to_png(report: dict, specs: list) -> bytes | None:
+    """Per-weight SNR bars and, for the lowest-SNR weight, float vs quantized value histograms.
+    None when matplotlib is not installed (it is an optional extra: pip install 'mlqpipe[plot]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    rows = [r for r in report["weights"] if not isinstance(r["snr_db"], str)]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6 + 0.1 * len(rows)))
+    ax1.barh([r["id"] for r in rows], [r["snr_db"] for r in rows], color="tab:blue")
+    ax1.set_xlabel("SNR (dB)")
+    ax1.set_title(f"{report['output']}: per-weight SNR")
+    if rows:
+        worst = min(rows, key=lambda r: r["snr_db"])
+        before = {r.id: r for r in inventory(specs[0])}.get(worst["id"])
+        after = {r.id: r for r in inventory(specs[-1])}.get(worst["id"])
+        if before is not None and after is not None:
+            ax2.hist(before.values().ravel(), bins=100, alpha=0.6, label="float")
+            ax2.hist(after.values().ravel(), bins=100, alpha=0.6, label="quantized")
+            ax2.set_title(f"{worst['id']} ({worst['mode']} {worst['nbits'] or ''}): values")
+            ax2.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(report: dict, job, recipe, formats=("json", "markdown"), specs: list | None = None) -> list[Path]:
     from .fileio import atomic_write
 
     json_path, md_path = recipe.report_paths(job)
     written = []
+    if "png" in formats and specs:
+        png = to_png(report, specs)
+        if png is not None:
+            path = Path(str(json_path)[: -len(".json")] + ".png")
+            atomic_write(path, png)
+            written.append(path)
     if "json" in formats:
         atomic_write(json_path, to_json(report))
         written.append(json_path)

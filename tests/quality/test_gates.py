@@ -112,3 +112,12 @@ def test_reports_are_deterministic(work, capsys):
     shutil.rmtree(work / "out")
     assert main(["build", "r.yaml"]) == 0
     assert ((work / "out/digits_mlp.report.json").read_bytes(), (work / "out/digits_mlp.report.md").read_bytes()) == first
+
+
+def test_png_report_when_matplotlib_is_installed(work, capsys):
+    pytest.importorskip("matplotlib")
+    recipe(work, "  min_accuracy: 0.5", nbits=4)
+    text = (work / "r.yaml").read_text().replace("version: 1\n", "version: 1\nreport: {formats: [json, markdown, png]}\n")
+    (work / "r.yaml").write_text(text)
+    assert main(["quantize", "r.yaml"]) == 0
+    assert (work / "out/digits_mlp.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
