@@ -18,7 +18,7 @@ def atomic_write(path, data: bytes, *, fsync: bool = True) -> None:
             f.write(data)
             if fsync:
                 f.flush()
-                os.fsync(f.fileno())
+                getattr(os, "fdatasync", os.fsync)(f.fileno())  # data (and size) durable before the rename
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ModelError
 from .layers import Slot, layer_type, nested_networks, weight_slots
 from .model import neural_networks
-from .weights import Storage, read_values, storage_of
+from .weights import Storage, read_values, storage_of, stored_count
 
 
 @dataclass
@@ -104,7 +104,7 @@ def layer_records(model_path, net_path, network, layer, model_spec, *, include_e
 
 
 def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model_spec) -> WeightRecord:
-    count = prod(slot.shape) if slot.shape is not None else st.count
+    count = prod(slot.shape) if slot.shape is not None else stored_count(slot.wp, st)
     kind = layer_type(layer)
     # coremltools' definition (AdvancedQuantizedLayerSelector): one kernel channel, several groups
     depthwise = kind == "convolution" and int(layer.convolution.kernelChannels) == 1 and slot.groups > 1

@@ -23,7 +23,7 @@ class Storage:
 
     kind: str
     nbits: int = 0
-    count: int = 0  # number of values the stored bytes represent (for quantized: unknown -> 0)
+    count: int = 0  # not filled in by storage_of (it would copy the bytes); see stored_count
 
     @property
     def is_float(self) -> bool:
@@ -38,8 +38,14 @@ class Storage:
 
 
 def set_fields(wp) -> list[str]:
-    """The storage fields that hold bytes (more than one makes the blob invalid)."""
-    return [f for f in STORAGE_FIELDS if len(getattr(wp, f))]
+    """The storage fields that hold bytes (more than one makes the blob invalid).
+
+    Presence is asked with HasField: reading a bytes field copies it (milliseconds for millions of
+    weights), so lengths are only looked at when several fields are present."""
+    present = [f for f in STORAGE_FIELDS if wp.HasField(f)]
+    if len(present) > 1:
+        present = [f for f in present if len(getattr(wp, f))]
+    return present
 
 
 def storage_of(wp) -> Storage:
@@ -50,14 +56,25 @@ def storage_of(wp) -> Storage:
         return Storage("empty")
     field = fields[0]
     if field == "floatValue":
-        return Storage("float32", 32, len(wp.floatValue) // 4)
+        return Storage("float32", 32)
     if field == "float16Value":
-        return Storage("float16", 16, len(wp.float16Value) // 2)
+        return Storage("float16", 16)
     if field == "int8RawValue":
-        return Storage("int8", 8, len(wp.int8RawValue))
+        return Storage("int8", 8)
     q = wp.quantization
     kind = {"linearQuantization": "linear", "lookupTableQuantization": "lut"}.get(q.WhichOneof("QuantizationType"), "raw")
     return Storage(kind, int(q.numberOfBits))
+
+
+def stored_count(wp, st: Storage) -> int:
+    """How many values a float or int8 blob holds (reads the bytes: call once)."""
+    if st.kind == "float32":
+        return len(wp.floatValue) // 4
+    if st.kind == "float16":
+        return len(wp.float16Value) // 2
+    if st.kind == "int8":
+        return len(wp.int8RawValue)
+    return 0
 
 
 def read_values(wp, count: int, where: str, *, shape=None, axis=None, groups: int = 1) -> np.ndarray:
@@ -72,7 +89,7 @@ def read_values(wp, count: int, where: str, *, shape=None, axis=None, groups: in
         data = wp.floatValue if st.kind == "float32" else wp.float16Value
         if len(data) % np.dtype(dtype).itemsize:
             raise ModelError(f"{where}: {st.kind} data of {len(data)} bytes is not a whole number of values")
-        values = np.frombuffer(data, dtype=dtype).astype(np.float32)
+        values = np.frombuffer(data, dtype=dtype).astype(np.float32, copy=False)
     else:
         values = _dequantize(wp, st, count, where, shape, axis, groups)
     if count and values.size != count:

@@ -38,8 +38,8 @@ def quantize_linear(
         inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=np.abs(scale) > min_scale)
         bias = lo
         q = (w - lo[:, None]) * inv[:, None]
+    # no clipping needed: (w - lo) / scale spans [0, 2**nbits - 1] up to float32 rounding, which rint absorbs
     q = np.rint(q, out=q)
-    np.clip(q, 0, (1 << nbits) - 1, out=q)
     return q.astype(np.uint8), scale.astype(np.float32), bias.astype(np.float32)
 
 
