@@ -7,9 +7,13 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path, data: bytes, *, fsync: bool = True) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: readers (and a build killed
-    half-way) never see a partial file. `fsync` also survives a power cut; cheap for our file sizes."""
+def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: readers, and a build killed at
+    any point, never see a partial file. Flushing to disk before the rename (`fsync`, or MLQPIPE_FSYNC=1)
+    also covers power cuts on filesystems that do not order the rename after the data themselves; it is
+    off by default because it dominates the write time of large models."""
+    if fsync is None:
+        fsync = os.environ.get("MLQPIPE_FSYNC", "") not in ("", "0")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

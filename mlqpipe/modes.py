@@ -75,17 +75,23 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
             return False
         write_float16(rec.wp, to_float16(rec.float_values(), rec.where))
         return True
-    w = rec.float_values()
     nbits = settings.nbits
     if mode in ("linear", "linear_symmetric"):
+        w = rec.values()
         rows, restore = channel_rows(w, rec.axis)
-        codes, scale, bias = quantize_linear(rows, nbits, mode == "linear_symmetric", settings.min_scale)
+        try:
+            codes, scale, bias = quantize_linear(rows, nbits, mode == "linear_symmetric", settings.min_scale)
+        except ValueError:
+            rec.float_values()  # NaN or Inf: raises ModelError naming the layer and the count
+            raise
         if rec.layer_type == "convolution" and rec.axis == 1 and rec.groups > 1:
             # grouped deconvolution: Core ML wants 1 or outputChannels scales; the per-(out/groups) scales
             # repeated for every group read the same whichever way a runtime indexes them
             scale, bias = np.tile(scale, rec.groups), np.tile(bias, rec.groups)
         write_linear(rec.wp, restore(codes), nbits, scale, bias)
-    elif mode == "linear_lut":
+        return True
+    w = rec.float_values()
+    if mode == "linear_lut":
         table, codes = linear_lut(w, nbits, settings.min_scale)
         write_lut(rec.wp, codes, nbits, table)
     elif mode == "kmeans_lut":

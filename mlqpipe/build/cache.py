@@ -63,7 +63,7 @@ class Cache:
             return digest
         obj = self._object_path(digest)
         if not (obj.is_file() and sha256(obj.read_bytes()) == digest):
-            atomic_write(obj, data, fsync=False)
+            atomic_write(obj, data)
         manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
         atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
         return digest

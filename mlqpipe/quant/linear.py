@@ -24,6 +24,8 @@ def quantize_linear(
     w = np.asarray(rows, dtype=np.float32)
     lo = w.min(axis=1)
     hi = w.max(axis=1)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):  # min/max propagate NaN and see Inf
+        raise ValueError("weights contain NaN or Inf")
     if symmetric:
         if nbits < 2:
             raise ValueError("linear_symmetric needs nbits >= 2 (1-bit symmetric has no zero level)")
@@ -37,7 +39,8 @@ def quantize_linear(
         scale = (hi - lo) / np.float32((1 << nbits) - 1)
         inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=np.abs(scale) > min_scale)
         bias = lo
-        q = (w - lo[:, None]) * inv[:, None]
+        q = np.subtract(w, lo[:, None])  # one temporary, then in place: large layers stay cheap
+        np.multiply(q, inv[:, None], out=q)
     # no clipping needed: (w - lo) / scale spans [0, 2**nbits - 1] up to float32 rounding, which rint absorbs
     q = np.rint(q, out=q)
     return q.astype(np.uint8), scale.astype(np.float32), bias.astype(np.float32)
