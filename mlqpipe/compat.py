@@ -9,10 +9,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .coreml.fold import fold_model
+from .coreml.fold import blob_uses, fold_network
 from .coreml.inventory import WeightRecord, inventory, layer_records
 from .coreml.layers import COREMLTOOLS_SELECTOR_TYPES, nested_networks
-from .coreml.model import CoreMLModel, load_model, neural_networks
+from .coreml.model import CoreMLModel, load_model, neural_networks, output_names
 from .coreml.version import raise_versions
 from .errors import ModelError
 from .modes import ModeSettings, apply_mode, canonical_mode, check_settings
@@ -156,20 +156,20 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE, True)
     if not any(True for _ in neural_networks(model.spec)):
         raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
-    if mode not in ("fp16", "dequantize"):
-        fold_model(model.spec)
-    chosen = select_like_coremltools(model.spec, selector)
+    # coremltools folds below 16 bits, each network as it reaches it (nested ones only if selected)
+    chosen = select_like_coremltools(model.spec, selector, fold=mode not in ("fp16", "dequantize"))
     for rec in chosen:
         if rec.updatable:
             warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)")
             continue
         apply_mode(rec, settings)
-    raise_versions(model.spec, "fp16" if mode == "fp16" else "quantized")
+    raise_versions(model.spec, "fp16" if nbits == 16 else "quantized")  # coremltools keys this on nbits
     return model
 
 
-def select_like_coremltools(spec, selector) -> list[WeightRecord]:
-    """The blobs coremltools' quantize_weights would touch with this selector, in its order.
+def select_like_coremltools(spec, selector, fold: bool = False) -> list[WeightRecord]:
+    """The blobs coremltools' quantize_weights would touch with this selector, in its order; with `fold`,
+    each network is folded when the walk reaches it, as coremltools does below 16 bits.
 
     `selector` is a QuantizedLayerSelector (ours, coremltools', or a subclass: `do_quantize(layer, ...)`),
     or mlqpipe's own selector interface: any callable taking a WeightRecord and returning True to quantize
@@ -180,20 +180,31 @@ def select_like_coremltools(spec, selector) -> list[WeightRecord]:
             raise TypeError("selector must have do_quantize(layer, ...) or be a callable(weight_record) -> bool")
         return [rec for rec in inventory(spec) if selector(rec)]
     chosen: list[WeightRecord] = []
+    protected = output_names(spec)
     for model_path, model_spec, nn in neural_networks(spec):
-        _select_network(nn, selector, chosen, model_path, "", model_spec)
+        folding = (protected, blob_uses(nn)) if fold else None
+        _select_network(nn, selector, chosen, model_path, "", model_spec, folding)
     return chosen
 
 
-def _select_network(network, selector, chosen, model_path, net_path, model_spec) -> None:
+def _unused_by_coremltools(rec: WeightRecord) -> bool:
+    """Blobs the layer's flags mark unused (hasBias false, ...) are left alone by coremltools — except LSTM
+    bias vectors, which it quantizes whatever hasBiasVectors says."""
+    lstm_bias = rec.layer_type in ("uniDirectionalLSTM", "biDirectionalLSTM") and rec.field.endswith("BiasVector")
+    return not rec.expected and not lstm_bias
+
+
+def _select_network(network, selector, chosen, model_path, net_path, model_spec, folding=None) -> None:
+    if folding is not None:
+        fold_network(network, *folding, f"{model_path}{net_path}")
     for layer in network.layers:
         kind = layer.WhichOneof("layer")
         if not selector.do_quantize(layer):
             continue
         for name, sub in nested_networks(layer):
-            _select_network(sub, selector, chosen, model_path, f"{net_path}{layer.name}.{name}/", model_spec)
+            _select_network(sub, selector, chosen, model_path, f"{net_path}{layer.name}.{name}/", model_spec, folding)
         for rec in layer_records(model_path, net_path, network, layer, model_spec):
-            if not rec.coremltools:
+            if not rec.coremltools or _unused_by_coremltools(rec):
                 continue
             if rec.field == "bias" and kind in ("convolution", "innerProduct", "batchedMatmul"):
                 if not selector.do_quantize(layer, weight_param="bias"):

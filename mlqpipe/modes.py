@@ -73,7 +73,10 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
     if mode == "fp16":
         if st.kind == "float16":
             return False
+        keep = settings.keep_empty_quantization and rec.wp.HasField("quantization")  # coremltools leaves it
         write_float16(rec.wp, to_float16(rec.float_values(), rec.where))
+        if keep:
+            rec.wp.quantization.SetInParent()
         return True
     nbits = settings.nbits
     if mode in ("linear", "linear_symmetric"):

@@ -42,14 +42,14 @@ def fold_model(spec, kinds=ALL_KINDS) -> list[Fold]:
     folds: list[Fold] = []
     protected = output_names(spec)
     for model_path, _, nn in neural_networks(spec):
-        uses = _blob_uses(nn)
+        uses = blob_uses(nn)
         networks = [("", nn)] + [(f"{p}{l.name}.{name}/", n) for p, _, l in iter_layers(nn) for name, n in nested_networks(l)]
         for net_path, network in networks:
             folds += fold_network(network, protected, uses, f"{model_path}{net_path}", tuple(kinds))
     return folds
 
 
-def _blob_uses(nn) -> Counter:
+def blob_uses(nn) -> Counter:
     """How many times each blob name is read anywhere in the network tree."""
     uses: Counter = Counter()
     for _, _, layer in iter_layers(nn):

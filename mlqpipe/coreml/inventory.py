@@ -85,7 +85,14 @@ def iter_layers(network, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
 
 
 def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
-    """Every weight blob of every neural network in `spec` (a Model message)."""
+    """Every weight blob of every neural network in `spec` (our Model message; anything else load_model
+    accepts — a coremltools spec, an MLModel, bytes, a path — is read into one first)."""
+    from . import proto
+
+    if not isinstance(spec, proto.Model):
+        from .model import load_model
+
+        spec = load_model(spec).spec
     records = []
     for model_path, model_spec, nn in neural_networks(spec):
         for net_path, network, layer in iter_layers(nn):

@@ -187,6 +187,8 @@ def check_custom_lut(result, nbits: int, count: int, where: str) -> tuple[np.nda
         raise ValueError(f"{where}: custom LUT function returned {codes.size} indices for {count} weights")
     if codes.size and (codes.min() < 0 or codes.max() >= k or not np.all(np.equal(np.mod(codes, 1), 0))):
         raise ValueError(f"{where}: custom LUT indices must be integers in 0..{k - 1}")
+    if codes.size and codes.max() >= lut.size:
+        raise ValueError(f"{where}: custom LUT index {int(codes.max())} points past the {lut.size} table entries returned")
     if not np.all(np.isfinite(lut)):
         raise ValueError(f"{where}: custom LUT contains NaN or Inf")
     table = np.zeros(k, dtype=np.float32)

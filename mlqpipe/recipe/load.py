@@ -100,7 +100,8 @@ def _merge(base, child, path: tuple, replaced: list):
     return child
 
 
-def load_recipe(path, *, project_root=None, check_files: bool = True, schema: bool = True) -> Recipe:
+def load_recipe(path, *, project_root=None, check_files: bool = True, schema: bool = True,
+                allow_outside_root: bool = False) -> Recipe:
     """Load and validate one recipe; raises RecipeError listing every problem with its location.
 
     `schema=False` skips the JSON Schema pass (and the jsonschema import): only for recipe files whose
@@ -116,7 +117,7 @@ def load_recipe(path, *, project_root=None, check_files: bool = True, schema: bo
         problems += schema_problems(doc.data, doc.locate)
     if problems:
         raise_problems(problems)
-    recipe = _build(path, files, doc, problems, project_root, check_files)
+    recipe = _build(path, files, doc, problems, project_root, check_files, allow_outside_root)
     raise_problems(problems)
     return recipe
 
@@ -129,7 +130,8 @@ def _range(v) -> Range | None:
     return Range(v.get("min"), v.get("max")) if isinstance(v, dict) else None
 
 
-def _build(path: Path, files, doc: _Located, problems: list[Problem], project_root, check_files: bool) -> Recipe:
+def _build(path: Path, files, doc: _Located, problems: list[Problem], project_root, check_files: bool,
+           allow_outside_root: bool = False) -> Recipe:
     data = doc.data
     base_dir = path.parent
     root = Path(project_root) if project_root else Path.cwd()
@@ -158,7 +160,8 @@ def _build(path: Path, files, doc: _Located, problems: list[Problem], project_ro
     base_gates = _gates(data.get("gates"))
     models = []
     for i, entry in enumerate(data.get("models") or []):
-        models += _jobs(i, entry, defaults, doc, problems, base_dir, path, stages, base_gates, check_files)
+        models += _jobs(i, entry, defaults, doc, problems, base_dir, path, stages, base_gates, check_files,
+                        None if allow_outside_root else root.resolve())
     _check_collisions(models, doc, problems)
     report = data.get("report") or {}
     return Recipe(
@@ -279,7 +282,8 @@ def _evaluation(raw, base_dir: Path, doc, at, problems, check_files) -> Evaluati
     return Evaluation(data, tuple(sorted((raw.get("inputs") or {}).items())), raw.get("labels"), raw.get("random_inputs"), bool(raw.get("allow_unevaluated", False)))
 
 
-def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, stages, base_gates, check_files) -> list[ModelJob]:
+def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, stages, base_gates, check_files,
+          confine_to: Path | None = None) -> list[ModelJob]:
     at = ("models", i)
     settings = {**defaults, **{k: v for k, v in entry.items() if k != "input"}}
     template = settings.get("output")
@@ -325,11 +329,21 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
     for m in matches:
         rel_dir = os.path.relpath(m.parent, base_dir)
         out = Path(os.path.normpath(base_dir / template.format(stem=m.stem, name=m.name, dir="" if rel_dir == "." else rel_dir, recipe=recipe_path.stem)))
+        if confine_to is not None and not _inside(out, confine_to):
+            problems.append(doc.problem(at + ("output",), f"output '{out}' is outside the project root {confine_to}",
+                                        "outputs stay inside the project unless you pass --allow-outside-root (untrusted recipes must not write elsewhere)"))
+            continue
         if check_files and out.resolve() == m.resolve():
             problems.append(doc.problem(at + ("output",), f"output '{_shown(out)}' is the input itself", "inputs are never modified: choose another output path"))
             continue
         jobs.append(ModelJob(m, out, tuple(job_stages), gates, evaluation, i))
     return jobs
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path` (symlinks in its existing parents followed) stays under `root`."""
+    resolved = path.resolve()
+    return resolved == root or root in resolved.parents
 
 
 def _check_collisions(jobs: list[ModelJob], doc, problems) -> None:

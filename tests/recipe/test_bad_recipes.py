@@ -22,7 +22,8 @@ rules:
 
 
 @pytest.fixture()
-def workdir(tmp_path):
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the project root: outputs must stay inside it
     shutil.copy(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
     (tmp_path / "my_luts.py").write_text("def quantile_lut(nbits, w):\n    raise RuntimeError('not imported by validate')\n")
     return tmp_path

@@ -20,7 +20,8 @@ EXAMPLES = sorted(p.relative_to(REPO / "pipelines") for p in (REPO / "pipelines"
 
 
 @pytest.fixture()
-def copy(tmp_path) -> Path:
+def copy(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # the project root: outputs must stay inside it
     shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
     return tmp_path / "pipelines"
 

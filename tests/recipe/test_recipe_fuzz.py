@@ -44,7 +44,7 @@ def test_generated_recipes_load_or_fail_located(tmp_path_factory, doc):
     path = d / "r.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     try:
-        r = load_recipe(path)
+        r = load_recipe(path, project_root=d)
         plan_recipe(r)
     except RecipeError as e:
         assert e.problems
