@@ -23,17 +23,20 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check recipes: schema, files, rules, custom code; all problems at once")
     s.add_argument("recipes", nargs="+", metavar="RECIPE")
-    s.set_defaults(run=lambda a: _commands().validate(a.recipes, a.verbose))
+    _root_option(s)
+    s.set_defaults(run=lambda a: _commands().validate(a.recipes, a.verbose, a.allow_outside_root))
 
     s = sub.add_parser("plan", help="show what a recipe will do to every weight, and the sizes before/after")
     s.add_argument("recipe", metavar="RECIPE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(run=lambda a: _commands().plan(a.recipe, a.json, a.verbose))
+    _root_option(s)
+    s.set_defaults(run=lambda a: _commands().plan(a.recipe, a.json, a.verbose, a.allow_outside_root))
 
     s = sub.add_parser("quantize", help="run recipes directly (no doit, no cache) and write their outputs")
     s.add_argument("recipes", nargs="+", metavar="RECIPE")
-    s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
-    s.set_defaults(run=lambda a: _commands().quantize(a.recipes, not a.no_custom_code, a.verbose))
+    _custom_code_options(s)
+    _root_option(s)
+    s.set_defaults(run=lambda a: _commands().quantize(a.recipes, _custom_policy(a), a.verbose, a.allow_outside_root))
 
     s = sub.add_parser("build", help="build recipes through doit: cached, incremental, reproducible")
     s.add_argument("recipes", nargs="*", metavar="RECIPE", default=["recipes/*.yaml", "pipelines/**/*.yaml"],
@@ -104,11 +107,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _root_option(s) -> None:
+    s.add_argument("--allow-outside-root", action="store_true",
+                   help="let outputs be written outside the project root (the current directory); off for untrusted recipes")
+
+
+def _custom_code_options(s) -> None:
+    s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
+    s.add_argument("--custom-code-allow", action="append", default=[], metavar="MODULE",
+                   help="import custom code only from these modules (repeatable; a package allows its submodules)")
+
+
+def _custom_policy(args):
+    if args.no_custom_code:
+        return False
+    return tuple(args.custom_code_allow) if args.custom_code_allow else True
+
+
 def _build_options(s) -> None:
     s.add_argument("--cache", default=None, metavar="DIR", help="cache directory (default: $MLQPIPE_CACHE or .mlqpipe-cache)")
     s.add_argument("--cache-read-only", action="store_true", help="use the cache but never write it (developers on a CI cache)")
     s.add_argument("--salt", default="", help="extra string mixed into every cache key")
-    s.add_argument("--no-custom-code", action="store_true", help="refuse recipes that name custom Python code")
+    _custom_code_options(s)
+    _root_option(s)
 
 
 def _options(args):
@@ -117,7 +138,8 @@ def _options(args):
     from .build.tasks import DEFAULT_CACHE, BuildOptions
 
     return BuildOptions(cache_dir=args.cache or os.environ.get("MLQPIPE_CACHE") or DEFAULT_CACHE, salt=args.salt,
-                        allow_custom=not args.no_custom_code, read_only_cache=args.cache_read_only)
+                        allow_custom=_custom_policy(args), read_only_cache=args.cache_read_only,
+                        allow_outside_root=args.allow_outside_root)
 
 
 def _build(args) -> int:

@@ -20,12 +20,12 @@ def _rel(path) -> str:
         return str(path)
 
 
-def load_all(paths, *, plan: bool = True):
+def load_all(paths, *, plan: bool = True, allow_outside_root: bool = False):
     """Load every recipe; collect all problems of all of them (including cross-recipe output collisions)."""
     recipes, problems, plans = [], [], {}
     for path in paths:
         try:
-            recipes.append(load_recipe(path))
+            recipes.append(load_recipe(path, allow_outside_root=allow_outside_root))
         except RecipeError as e:
             problems += e.problems or [Problem(str(path), 0, 0, "", str(e))]
     problems += check_recipe_collisions(recipes)
@@ -37,8 +37,8 @@ def load_all(paths, *, plan: bool = True):
     return recipes, plans, problems
 
 
-def validate(paths, verbose: int = 0) -> int:
-    recipes, plans, problems = load_all(paths)
+def validate(paths, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    recipes, plans, problems = load_all(paths, allow_outside_root=allow_outside_root)
     raise_problems(problems)
     for r in recipes:
         n = len(r.models)
@@ -72,8 +72,8 @@ def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
     ]
 
 
-def plan(path, as_json: bool = False, verbose: int = 0) -> int:
-    recipes, plans, problems = load_all([path])
+def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    recipes, plans, problems = load_all([path], allow_outside_root=allow_outside_root)
     raise_problems(problems)
     model_plans = plans[recipes[0].path]
     if as_json:
@@ -111,10 +111,10 @@ def _what(d) -> str:
     return f"keep {d.storage_before}"
 
 
-def quantize(paths, allow_custom: bool = True, verbose: int = 0) -> int:
+def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: bool = False) -> int:
     from .execute import quantize_recipe
 
-    recipes, _, problems = load_all(paths)
+    recipes, _, problems = load_all(paths, allow_outside_root=allow_outside_root)
     raise_problems(problems)
     for r in recipes:
         for job, stage_plans in quantize_recipe(r, allow_custom=allow_custom):

@@ -14,7 +14,7 @@ from .recipe.problems import raise_problems
 from .recipe.types import ModelJob, Recipe, Stage
 
 
-def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom: bool = True) -> StagePlan:
+def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True) -> StagePlan:
     """Apply one stage to `model` in place; returns what was decided (the same decisions a plan shows)."""
     plan = StagePlan(stage)
     spec = model.spec
@@ -43,7 +43,7 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
     return plan
 
 
-def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool = True, model: CoreMLModel | None = None,
+def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model: CoreMLModel | None = None,
             snapshots: list | None = None) -> tuple[CoreMLModel, list[StagePlan]]:
     """All of a model's stages, in order, on a fresh copy of its input. `snapshots`, when given, receives
     the spec before the first stage and after each one (for reports)."""
@@ -74,7 +74,7 @@ def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, p
     return report
 
 
-def quantize_recipe(recipe: Recipe, *, allow_custom: bool = True) -> list[tuple[ModelJob, list[StagePlan]]]:
+def quantize_recipe(recipe: Recipe, *, allow_custom: bool | tuple = True) -> list[tuple[ModelJob, list[StagePlan]]]:
     """Build every model of a recipe: stages, assessment, checked atomic writes."""
     done = []
     for job in recipe.models:

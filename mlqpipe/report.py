@@ -201,7 +201,15 @@ def to_png(report: dict, specs: list) -> bytes | None:
 
 
 def write_report(report: dict, job, recipe, formats=("json", "markdown"), specs: list | None = None) -> list[Path]:
-    from .fileio import atomic_write
+    from .fileio import atomic_write as _write
+
+    def atomic_write(path, data):
+        try:
+            _write(path, data)
+        except OSError as e:
+            from .errors import MlqpipeError
+
+            raise MlqpipeError(f"{path}: cannot write the report: {e.strerror or e}") from None
 
     json_path, md_path = recipe.report_paths(job)
     written = []

@@ -27,11 +27,31 @@ def task_mlqpipe():
         yield copy.deepcopy(task)
 
 
+def _heal_state(dep_file: Path) -> None:
+    """A corrupted doit state file would stop every build: set it aside, say so, and start afresh (the
+    stage cache makes the rebuild cheap)."""
+    if not dep_file.exists():
+        return
+    import sqlite3
+
+    try:
+        with sqlite3.connect(dep_file) as conn:
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError:
+        ok = False
+    if not ok:
+        aside = dep_file.with_name(dep_file.name + ".corrupt")
+        os.replace(dep_file, aside)
+        print(f"mlqpipe: doit state {dep_file} was corrupt; moved to {aside} and rebuilding (the cache makes this cheap)",
+              file=sys.stderr)
+
+
 def _doit(argv: list[str], options: BuildOptions) -> int:
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
     Path(options.state_dir).mkdir(parents=True, exist_ok=True)
+    _heal_state(Path(options.state_dir) / "doit.sqlite3")
     namespace = {
         "task_mlqpipe": task_mlqpipe,
         "DOIT_CONFIG": {

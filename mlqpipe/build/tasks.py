@@ -32,8 +32,9 @@ STATE_DIR = ".mlqpipe-state"  # local to a checkout: doit's dep file, validated-
 class BuildOptions:
     cache_dir: str = DEFAULT_CACHE
     salt: str = ""
-    allow_custom: bool = True
+    allow_custom: bool | tuple = True  # False: --no-custom-code; a tuple: the modules --custom-code-allow names
     read_only_cache: bool = False
+    allow_outside_root: bool = False
     lock_file: str | None = "mlqpipe.lock.json"
     state_dir: str = STATE_DIR
 
@@ -85,7 +86,7 @@ def load_for_build(recipe_path, options: BuildOptions):
         trusted = known.get("version") == __version__ and known["files"] == _file_digests(known["files"])
     except (OSError, ValueError, KeyError):
         trusted = False
-    recipe = load_recipe(recipe_path, schema=not trusted)
+    recipe = load_recipe(recipe_path, schema=not trusted, allow_outside_root=options.allow_outside_root)
     if not trusted:
         from ..fileio import atomic_write
 

@@ -46,7 +46,10 @@ class CoreMLModel:
             from .check import raise_on_errors
 
             raise_on_errors(self.spec, where=os.fspath(path))
-        atomic_write(path, self.SerializeToString())
+        try:
+            atomic_write(path, self.SerializeToString())
+        except OSError as e:
+            raise ModelError(f"{os.fspath(path)}: cannot write the model: {e.strerror or e}; nothing was written") from None
 
     @property
     def model_type(self) -> str | None:

@@ -58,11 +58,17 @@ def find_code(ref: str, search_path) -> str | None:
     return None
 
 
-def load_code(ref: str, search_path, *, allow: bool = True):
-    """Import `module:attr` from the search path and return the attribute (runs the module's code)."""
-    if not allow:
-        raise RecipeError(f"custom code '{ref}' is disabled (--no-custom-code); this recipe cannot be built here")
+def load_code(ref: str, search_path, *, allow=True):
+    """Import `module:attr` from the search path and return the attribute (runs the module's code).
+
+    `allow`: True (any module), False (--no-custom-code), or a collection of module names that may be
+    imported (--custom-code-allow; a package name also allows its submodules)."""
     module, _, attr = ref.partition(":")
+    if allow is False or allow is None:
+        raise RecipeError(f"custom code '{ref}' is disabled (--no-custom-code); this recipe cannot be built here")
+    if allow is not True and not any(module == m or module.startswith(m + ".") for m in allow):
+        raise RecipeError(f"custom code '{ref}': module '{module}' is not in the allow-list ({', '.join(allow) or 'empty'}); "
+                          "add it with --custom-code-allow if you trust it")
     spec = _locate(module, search_path)
     if spec is None:
         raise RecipeError(f"custom code '{ref}': module '{module}' not found on {', '.join(map(str, search_path))}")
