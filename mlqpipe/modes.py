@@ -56,6 +56,8 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
     """Rewrite `rec`'s blob in the given mode; returns False when there was nothing to do."""
     mode = canonical_mode(settings.mode)
     st = rec.storage
+    if rec.count == 0:  # a layer with no weights (zero channels): nothing to quantize
+        return False
     if mode == "dequantize":
         if st.kind == "float32":
             return False

@@ -198,6 +198,7 @@ def _check_int8(layer, rec: WeightRecord) -> list[Finding]:
 def _check_precision_mix(layer, records: list[WeightRecord]) -> list[Finding]:
     """float16 and float32 blobs may not be mixed within a layer's weights and bias (nor within batchnorm's
     four parameters or one recurrent layer); quantized blobs may sit beside either."""
+    records = [rec for rec in records if rec.count]  # a blob with no values has no precision
     kinds = {rec.storage.kind for rec in records if rec.storage.is_float}
     if len(kinds) < 2:
         return []

@@ -108,7 +108,34 @@ def parse_model(data: bytes, where: str) -> CoreMLModel:
         raise ModelError(f"{where}: not a valid Core ML model (protobuf parse failed: {e}); is the file corrupt?") from None
     model = CoreMLModel(spec, where)
     _check_supported(spec, where)
+    try:
+        bad = _invalid_text(spec)
+    except (UnicodeDecodeError, DecodeError):
+        bad = "a name"
+    if bad:
+        raise ModelError(f"{where}: {bad} is not valid UTF-8 text; the file is corrupt")
     return model
+
+
+def _invalid_text(spec) -> str | None:
+    """The first name that is not valid UTF-8 (proto2 parsing does not check; such values come back as
+    bytes and would fail later, when a fold or a writer touches them)."""
+    from .description import read_description
+    from .inventory import iter_layers
+
+    desc = read_description(spec)
+    for feature in list(desc.input) + list(desc.output):
+        if not isinstance(feature.name, str):
+            return "a feature name"
+    for _, model_spec, nn in neural_networks(spec):
+        if not isinstance(getattr(nn, "labelProbabilityLayerName", ""), str):
+            return "labelProbabilityLayerName"
+        for net_path, _, layer in iter_layers(nn):
+            if not isinstance(layer.name, str):
+                return f"a layer name in {net_path or 'the network'}"
+            if not all(isinstance(n, str) for n in list(layer.input) + list(layer.output)):
+                return f"a blob name of layer '{layer.name}'"
+    return None
 
 
 def _check_supported(spec, where: str, path: str = "") -> None:
