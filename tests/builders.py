@@ -70,3 +70,16 @@ def small_model(dtype="<f4") -> "proto.Model":
     add_activation(nn, "relu1", "c1", "r1")
     add_inner_product(nn, "dense", "r1", "y", ic=32, oc=10, seed=2, dtype=dtype)
     return m
+
+
+def deconvolution_model():
+    """A one-layer deconvolution model with a declared input and output (the evaluator does not run it)."""
+    from mlqpipe.coreml.description import ModelDescription
+
+    m = model()
+    add_conv(network(m), "up", "x", "y", oc=2, kc=2, k=2, deconv=True, seed=3)
+    desc = ModelDescription()
+    desc.input.add(name="x").type.multiArrayType.shape.extend([2, 4, 4])
+    desc.output.add(name="y").type.multiArrayType.shape.extend([2, 5, 5])
+    m.description = desc.SerializeToString()
+    return m

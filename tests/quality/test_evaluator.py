@@ -6,7 +6,7 @@ import pytest
 import mlqpipe
 from mlqpipe.evaluate.compare import evaluate, predict
 from mlqpipe.evaluate.forward import Unsupported
-from tests.builders import add_conv, model, network
+from tests.builders import deconvolution_model
 from tests.conftest import REPO, SHARED_MODELS
 
 
@@ -75,13 +75,6 @@ def test_embedding_cosine_per_tensor_lut_collapses():
 
 
 def test_unsupported_layer_is_reported_not_passed():
-    m = model()
-    add_conv(network(m), "up", "x", "y", oc=2, kc=2, k=2, deconv=True, seed=3)
-    from mlqpipe.coreml.description import ModelDescription
-
-    desc = ModelDescription()
-    desc.input.add(name="x").type.multiArrayType.shape.extend([2, 4, 4])
-    desc.output.add(name="y").type.multiArrayType.shape.extend([2, 5, 5])
-    m.description = desc.SerializeToString()
+    m = deconvolution_model()
     r = evaluate(m, m, None, samples=2)
     assert not r.evaluated and "layer 'up'" in r.reason and "deconvolution" in r.reason

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mlqpipe.cli import main
-from tests.builders import add_conv, model, network
+from tests.builders import deconvolution_model
 from tests.conftest import REPO
 
 DEMO = REPO / "pipelines" / "demo"
@@ -72,14 +72,7 @@ def test_rule_snr_gate(work, capsys):
 
 
 def test_unevaluable_model_fails_unless_allowed(work, capsys):
-    m = model()
-    add_conv(network(m), "up", "x", "y", oc=2, kc=2, k=2, deconv=True, seed=3)
-    from mlqpipe.coreml.description import ModelDescription
-
-    desc = ModelDescription()
-    desc.input.add(name="x").type.multiArrayType.shape.extend([2, 4, 4])
-    desc.output.add(name="y").type.multiArrayType.shape.extend([2, 5, 5])
-    m.description = desc.SerializeToString()
+    m = deconvolution_model()
     (work / "deconv.mlmodel").write_bytes(m.SerializeToString())
     text = """version: 1
 models: [{{input: deconv.mlmodel, output: 'out/{{stem}}.mlmodel', evaluation: {{random_inputs: 4{allow}}}}}]
