@@ -306,7 +306,7 @@ def _f(x, digits=3):
 
 
 def report(r: dict, args) -> None:
-    lines = [f"# mlqpipe benchmarks", "", f"Machine: {r['machine']}. Whole run: {r['seconds']:.0f} s. Medians of repeated runs.", "",
+    lines = ["# mlqpipe benchmarks", "", f"Machine: {r['machine']}. Whole run: {r['seconds']:.0f} s. Medians of repeated runs.", "",
              "## Per mode, 4096×1024 innerProduct, load → quantize → write", "",
              "| mode | mlqpipe s | coremltools 9.0 s | speed-up |", "|---|---|---|---|"]
     for x in r["modes"]:

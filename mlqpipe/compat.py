@@ -160,7 +160,7 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     chosen = select_like_coremltools(model.spec, selector, fold=mode not in ("fp16", "dequantize"))
     for rec in chosen:
         if rec.updatable:
-            warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)")
+            warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)", stacklevel=2)
             continue
         apply_mode(rec, settings)
     raise_versions(model.spec, "fp16" if nbits == 16 else "quantized")  # coremltools keys this on nbits

@@ -16,7 +16,7 @@ from .inventory import WeightRecord, iter_layers, layer_records
 from .layers import layer_type
 from .model import PIPELINE_TYPES, neural_networks, pipeline_of
 from .version import FP16_SPEC_VERSION, QUANTIZED_SPEC_VERSION
-from .weights import set_fields, storage_of
+from .weights import set_fields
 
 INT8_DYNAMIC_SPEC_VERSION = 5  # iOS 14
 _DYNAMIC_INT8_TYPES = ("innerProduct", "batchedMatmul")

@@ -9,7 +9,7 @@ from mlqpipe import CheckError, load_model, quantize_weights
 from mlqpipe.cli import main
 from mlqpipe.coreml import proto
 from mlqpipe.coreml.check import check_spec
-from tests.builders import add_conv, add_inner_product, model, network, small_model
+from tests.builders import model, network, small_model
 
 
 def rules(spec):

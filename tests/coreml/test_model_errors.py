@@ -3,7 +3,7 @@ import pytest
 
 from mlqpipe import ModelError, load_model, quantize_weights
 from mlqpipe.coreml import proto
-from tests.builders import model, network, small_model
+from tests.builders import network, small_model
 
 
 def test_missing_file(tmp_path):

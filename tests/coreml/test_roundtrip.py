@@ -1,9 +1,6 @@
-import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from mlqpipe import load_model
-from mlqpipe.coreml import proto
 from tests.builders import add_inner_product, model, network, small_model
 
 

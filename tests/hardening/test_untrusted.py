@@ -1,6 +1,5 @@
 """Untrusted recipes: outputs stay in the project, custom code only when allowed, inputs never modified."""
 
-import hashlib
 import os
 import shutil
 

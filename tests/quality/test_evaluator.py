@@ -5,7 +5,6 @@ import pytest
 
 import mlqpipe
 from mlqpipe.evaluate.compare import evaluate, predict
-from mlqpipe.evaluate.forward import Unsupported
 from tests.builders import deconvolution_model
 from tests.conftest import REPO, SHARED_MODELS
 

@@ -1,7 +1,6 @@
 """Bad recipes: each gives located, readable problems (file:line:col, path, message, hint)."""
 
 import shutil
-import textwrap
 
 import pytest
 
