@@ -240,7 +240,7 @@ def main() -> int:
         try:
             from sklearn.cluster import KMeans
 
-            sk_t = median_time(lambda: KMeans(16, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(w.reshape(-1, 1)), 1)
+            sk_t = median_time(lambda: KMeans(16, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(w.reshape(-1, 1)), rep)
             sk = KMeans(16, init="k-means++", tol=1e-2, n_init=1, random_state=0).fit(w.reshape(-1, 1))
             km["sklearn_s"] = sk_t
             km["sklearn_mse"] = float(np.mean((w - sk.cluster_centers_.ravel()[sk.labels_]) ** 2))

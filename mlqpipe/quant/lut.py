@@ -109,17 +109,17 @@ def _optimal_1d(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, k: in
         lo, hi = np.array([layer + 1]), np.array([m])
         olo, ohi = np.array([layer]), np.array([m - 1])
         while lo.size:
-            mid = (lo + hi) // 2
-            top = np.minimum(ohi, mid - 1)
-            length = top - olo + 1
-            seg = np.repeat(np.arange(mid.size), length)
-            start = np.concatenate(([0], np.cumsum(length)[:-1]))
-            cand = olo[seg] + np.arange(seg.size) - start[seg]
-            val = prev[cand] + cost(cand, mid[seg])
+            mid = (lo + hi) >> 1
+            length = np.minimum(ohi, mid - 1) - olo + 1
+            start = np.cumsum(length) - length
+            total = int(start[-1] + length[-1])
+            positions = np.arange(total)
+            cand = positions - np.repeat(start - olo, length)  # olo + offset within each segment
+            val = prev[cand] + cost(cand, np.repeat(mid, length))
             best_val = np.minimum.reduceat(val, start)
-            first = np.flatnonzero(val == best_val[seg])
-            seg_first, pos = np.unique(seg[first], return_index=True)
-            best = cand[first[pos]]
+            # first position of each segment's minimum (ties: the earliest split, as a stable scan would)
+            first = np.minimum.reduceat(np.where(val == np.repeat(best_val, length), positions, total), start)
+            best = cand[first]
             cur[mid] = best_val
             splits[layer, mid] = best
             left = lo <= mid - 1
@@ -141,15 +141,14 @@ def _optimal_1d(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, k: in
 
 
 def _lloyd(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Lloyd's algorithm on sorted weighted points; clusters are runs, so a step costs O(k log n)."""
+    """Lloyd's algorithm on sorted weighted points; clusters are runs, so a step costs O(k log n).
+    A cluster that empties keeps its previous centroid (the next step may give it points again)."""
     cum_n = np.concatenate(([0.0], np.cumsum(counts)))
     cum_s = np.concatenate(([0.0], np.cumsum(sums)))
     for _ in range(_MAX_ITER):
         edges = np.concatenate(([0], np.searchsorted(centres, (c[1:] + c[:-1]) / 2), [centres.size]))
         n = cum_n[edges[1:]] - cum_n[edges[:-1]]
-        if (n == 0).any():  # a cluster emptied: keep the previous table rather than lose an entry
-            return c
-        new = (cum_s[edges[1:]] - cum_s[edges[:-1]]) / n
+        new = np.where(n > 0, (cum_s[edges[1:]] - cum_s[edges[:-1]]) / np.where(n > 0, n, 1.0), c)
         if np.array_equal(new, c):
             break
         c = new
