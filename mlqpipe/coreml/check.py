@@ -22,6 +22,8 @@ INT8_DYNAMIC_SPEC_VERSION = 5  # iOS 14
 _DYNAMIC_INT8_TYPES = ("innerProduct", "batchedMatmul")
 # Groups of blobs that must share one float precision (float16 or float32) inside a layer.
 _SAME_PRECISION_TYPES = {"batchnorm", "simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM"}
+# Layer types whose weights Core ML's validator only accepts as floats.
+_FLOAT_ONLY = {"convolution3d": "float32 or float16", "layerNormalization": "float32"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def check_spec(spec) -> list[Finding]:
         if model_spec.specificationVersion < needs:
             findings.append(
                 Finding(
-                    "error",
+                    "warning",  # Core ML's validator accepts it; a device on the declared version cannot load it
                     "spec-version",
                     model_path.rstrip("/") or "model",
                     f"specificationVersion {model_spec.specificationVersion} is too low for its weights "
@@ -83,7 +85,7 @@ def _check_pipeline_versions(spec, path: str) -> list[Finding]:
         if sub.specificationVersion > spec.specificationVersion:
             findings.append(
                 Finding(
-                    "error",
+                    "warning",  # not checked by Core ML's validator; the pipeline claims an older OS than it needs
                     "pipeline-version",
                     f"{path}models[{i}]",
                     f"inner specificationVersion {sub.specificationVersion} is higher than the pipeline's "
@@ -119,6 +121,8 @@ def _check_blob(layer, rec: WeightRecord) -> list[Finding]:
         return out
     if not rec.count:
         return out
+    if st.kind == "float16" and rec.layer_type == "layerNormalization":
+        out.append(_f(rec, "quantized-unsupported", "layerNormalization gamma and beta must be float32; Core ML rejects float16 ones"))
     if st.is_float:
         data = wp.floatValue if st.kind == "float32" else wp.float16Value  # one copy of the bytes
         itemsize = 4 if st.kind == "float32" else 2
@@ -130,6 +134,8 @@ def _check_blob(layer, rec: WeightRecord) -> list[Finding]:
             out.append(_f(rec, "finite-values", f"{bad} NaN or Inf value(s)"))
         return out
     # quantized
+    if rec.layer_type in _FLOAT_ONLY:
+        return [_f(rec, "quantized-unsupported", f"{rec.layer_type} weights must be float ({_FLOAT_ONLY[rec.layer_type]}); Core ML rejects quantized ones")]
     if rec.updatable:
         out.append(_f(rec, "updatable-quantized", "an updatable weight is quantized; Core ML only trains float weights"))
     if st.kind == "int8":
@@ -173,9 +179,7 @@ def _check_quantized(rec: WeightRecord) -> list[Finding]:
     lq = q.linearQuantization
     scale = np.asarray(lq.scale, dtype=np.float32)
     bias = np.asarray(lq.bias, dtype=np.float32)
-    # Core ML (hasValidQuantizationParams): 1 scale, or one per output channel; a 1-D blob's "channels"
-    # are its values
-    allowed = sorted({1, rec.out_channels} if rec.axis is not None and rec.out_channels else {1, rec.count})
+    allowed = sorted(_allowed_scale_counts(rec))
     if scale.size not in allowed:
         out.append(_f(rec, "scale-count", f"{scale.size} linear scales; Core ML needs {' or '.join(map(str, allowed))}"))
     if bias.size not in (0, scale.size):
@@ -183,6 +187,21 @@ def _check_quantized(rec: WeightRecord) -> list[Finding]:
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(bias))):
         out.append(_f(rec, "finite-values", "linear quantization scale or bias holds NaN or Inf"))
     return out
+
+
+def _allowed_scale_counts(rec: WeightRecord) -> set[int]:
+    """Core ML (hasValidQuantizationParams with the layer's expected size): 1 scale, or one per output
+    channel for weight matrices and kernels; vectors (biases, batchnorm, peepholes) take exactly one, except
+    scale / bias / loadConstant blobs of shape [C, H, W] with C > 1, which may take C."""
+    if rec.axis is not None and rec.out_channels:
+        return {1, rec.out_channels}
+    layer = rec.layer_msg
+    if rec.layer_type in ("scale", "bias", "loadConstant"):
+        params = getattr(layer, rec.layer_type)
+        shape = list(params.shapeScale if rec.slot_path == "scale" else params.shapeBias) if rec.layer_type == "scale" else list(params.shape)
+        if len(shape) == 3 and shape[0] > 1:
+            return {1, int(shape[0])}
+    return {1}
 
 
 def _check_int8(layer, rec: WeightRecord) -> list[Finding]:
@@ -207,9 +226,11 @@ def _check_precision_mix(layer, records: list[WeightRecord]) -> list[Finding]:
         return []
     first = records[0]
     parts = ", ".join(f"{r.slot_path}={r.storage}" for r in records if r.storage.is_float)
+    # Core ML's validator skips this check for biDirectionalLSTM (it reads the unidirectional field): warn
+    severity = "warning" if kind == "biDirectionalLSTM" else "error"
     return [
         Finding(
-            "error",
+            severity,
             "precision-mix",
             f"{first.model_path}{first.network_path}{first.layer}",
             f"mixes float16 and float32 storage ({parts}); Core ML needs one precision per layer",
