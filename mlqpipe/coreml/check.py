@@ -1,7 +1,9 @@
 """Core ML's loading rules for neural-network weights, checked without Core ML.
 
 We cannot run Core ML on Linux; the next best proof that a model loads on a device is to apply the rules
-its own validator applies (and a few of ours: no NaN/Inf, no quantized updatable layers). Every model
+its own validator applies (read from its C++ source: valueType, hasValidQuantizationParams,
+hasSufficientBytesInQuantizedWeightParam and the per-layer validators), plus a few of ours: no NaN/Inf,
+and specification versions high enough for the OS they declare (warnings: the validator does not check). Every model
 mlqpipe writes goes through `raise_on_errors` first; `mlqpipe check` runs `check_spec` on any model.
 """
 
