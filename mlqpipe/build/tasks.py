@@ -261,39 +261,46 @@ def _log(options: BuildOptions, event: dict) -> None:
         f.write(json.dumps(event, sort_keys=True) + "\n")
 
 
-def _stage_bytes(options, recipe, job, upto: int) -> tuple[bytes, list[str], bool]:
-    """Bytes after stage `upto` (inclusive; -1 = the input), from the cache or computed, and whether any
-    stage had to be computed."""
+def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tuple[list[bytes], list[str], bool]:
+    """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
+    whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...]."""
     from .cache import Cache, sha256
 
     cache = Cache(Path(options.cache_dir), options.read_only_cache)
     data = Path(job.input).read_bytes()
     keys = chain_keys(sha256(data), stage_configs(recipe, job, options))
-    # find the furthest stage already cached, then compute forward from there
-    start, current = 0, data
-    for i in range(upto, -1, -1):
-        hit = cache.get(keys[i])
-        if hit is not None:
-            start, current = i + 1, hit
-            break
+    steps, start = [data], 0
+    if keep_all:  # every step is wanted: take cached stages in order up to the first miss
+        for i in range(upto + 1):
+            hit = cache.get(keys[i])
+            if hit is None:
+                break
+            steps.append(hit)
+            start = i + 1
+    else:  # only the last is wanted: start from the furthest cached stage
+        for i in range(upto, -1, -1):
+            hit = cache.get(keys[i])
+            if hit is not None:
+                steps, start = [hit], i + 1
+                break
     computed = start <= upto
     if computed:
         from ..coreml.model import parse_model
         from ..execute import run_stage
 
-        model = parse_model(current, str(job.input))
+        model = parse_model(steps[-1], str(job.input))
         for i in range(start, upto + 1):
             run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
-            current = model.SerializeToString()
-            cache.put(keys[i], current, {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
+            steps.append(model.SerializeToString())
+            cache.put(keys[i], steps[-1], {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
     for problem in cache.problems:
         _log(options, {"event": "cache-problem", "message": problem})
-    return current, keys, computed
+    return steps, keys, computed
 
 
 def run_stage_action(recipe_path, input_path, options_dict, index) -> dict:
     options, recipe, job = _context(recipe_path, input_path, options_dict)
-    _, keys, computed = _stage_bytes(options, recipe, job, index)
+    _, keys, computed = _stage_chain(options, recipe, job, index)
     _log(options, {"event": "stage", "recipe": recipe_path, "input": input_path, "stage": job.stages[index].name, "computed": computed})
     return {"key": keys[index], "computed": computed}
 
@@ -303,24 +310,21 @@ def write_output_action(recipe_path, input_path, options_dict):
     gate passed. A failed gate fails the task with the gate's message."""
     import sys
 
-    from ..coreml.model import parse_model
+    from ..coreml.model import CoreMLModel, parse_model
     from ..execute import finish_job
     from ..plan import decide_stage, matchers_for
     from ..quality import GateFailure
     from .cache import sha256
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
-    computed = False
-    specs = []
-    for i in range(-1, len(job.stages)):
-        data, keys, hit = _stage_bytes(options, recipe, job, i)
-        computed |= hit
-        specs.append(parse_model(data, str(job.input)).spec)
+    steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True)
+    specs = [parse_model(step, str(job.input)).spec for step in steps]
+    data = steps[-1]
     decisions = [
         [] if stage.mode == "fold" else decide_stage(specs[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
         for i, stage in enumerate(job.stages)
     ]
-    final = parse_model(data, str(job.output))
+    final = CoreMLModel(specs[-1], str(job.output))  # the same bytes, parsed once above
     try:
         finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
     except GateFailure as e:
@@ -330,7 +334,7 @@ def write_output_action(recipe_path, input_path, options_dict):
     entry = {
         "output": Path(_rel(job.output)).as_posix(),
         "output_sha256": sha256(data),
-        "inputs": {Path(_rel(job.input)).as_posix(): sha256(Path(job.input).read_bytes())},
+        "inputs": {Path(_rel(job.input)).as_posix(): sha256(steps[0])},
         "recipe": Path(_rel(recipe.path)).as_posix(),
         "recipe_sha256": digest_of(recipe.document),
         "stage_keys": keys,
@@ -339,7 +343,7 @@ def write_output_action(recipe_path, input_path, options_dict):
 
     atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
     _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": entry["output"], "computed": computed,
-                   "bytes_before": os.path.getsize(job.input), "bytes_after": len(data)})
+                   "bytes_before": len(steps[0]), "bytes_after": len(data)})
     return {"output_sha256": entry["output_sha256"]}
 
 
