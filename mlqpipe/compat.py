@@ -15,7 +15,7 @@ from .coreml.layers import COREMLTOOLS_SELECTOR_TYPES, nested_networks
 from .coreml.model import CoreMLModel, load_model, neural_networks, output_names
 from .coreml.version import raise_versions
 from .errors import ModelError
-from .modes import ModeSettings, apply_mode, canonical_mode, check_settings
+from .modes import ModeSettings, apply_mode, check_settings
 from .quant.linear import COREMLTOOLS_MIN_SCALE
 
 _CT_MODES = {
@@ -210,7 +210,3 @@ def _select_network(network, selector, chosen, model_path, net_path, model_spec,
                 if not selector.do_quantize(layer, weight_param="bias"):
                     continue
             chosen.append(rec)
-
-
-def canonical(mode: str) -> str:
-    return canonical_mode(_CT_MODES.get(mode, mode))

@@ -19,7 +19,6 @@ from .recipe.problems import Problem, dotted
 from .recipe.types import ModelJob, Recipe, Stage
 from .select import RuleMatcher, decide
 
-QUANTIZING = ("linear", "linear_symmetric", "linear_lut", "kmeans_lut", "custom_lut")
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,11 @@ class ModelPlan:
     loaded: bool = True
 
 
-def storage_after(rec: WeightRecord, stage: Stage) -> Storage:
+def storage_after(stage: Stage) -> Storage:
     if stage.mode == "fp16":
-        return Storage("float16", 16, rec.count)
+        return Storage("float16", 16)
     if stage.mode == "dequantize":
-        return Storage("float32", 32, rec.count)
+        return Storage("float32", 32)
     kind = "linear" if stage.mode in ("linear", "linear_symmetric") else "lut"
     return Storage(kind, stage.nbits or 8)
 
@@ -120,7 +119,7 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
             if st.kind == "float32":
                 reason = "already float32"
             else:
-                action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(rec, stage)
+                action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         elif st.is_quantized:
             action, reason = "error", f"already quantized ({st})"
             problems.append(_problem(recipe, at + ("rules",),
@@ -129,7 +128,7 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
         elif stage.mode == "fp16" and st.kind == "float16":
             reason = "already float16"
         else:
-            action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(rec, stage)
+            action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         after[rec.id] = new
         decisions.append(
             Decision(rec.id, rec.layer, rec.layer_type, rec.slot_path, tuple(rec.shape or ()), stage.name, action, match.rule,

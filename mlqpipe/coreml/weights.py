@@ -22,8 +22,7 @@ class Storage:
     """How a blob is stored: kind is float32, float16, linear, lut, int8, empty or conflict."""
 
     kind: str
-    nbits: int = 0
-    count: int = 0  # not filled in by storage_of (it would copy the bytes); see stored_count
+    nbits: int = 0  # the value count is not kept here: reading it copies the bytes (see stored_count)
 
     @property
     def is_float(self) -> bool:

@@ -122,7 +122,7 @@ def build_feeds(spec, data: dict | None, names: dict, samples: int | None, seed:
 
 
 def class_labels(nn) -> list | None:
-    kind = nn.WhichOneof("ClassLabels") if hasattr(nn, "WhichOneof") and "ClassLabels" in [o.name for o in nn.DESCRIPTOR.oneofs] else None
+    kind = nn.WhichOneof("ClassLabels") if "ClassLabels" in nn.DESCRIPTOR.oneofs_by_name else None
     if kind == "stringClassLabels":
         return list(StringVector.FromString(nn.stringClassLabels).vector)
     if kind == "int64ClassLabels":
