@@ -22,28 +22,13 @@ MAX_NODES = 50_000  # after alias expansion
 
 @dataclass
 class Source:
-    """A parsed YAML document: its data and the position of every value and key in it."""
+    """A parsed YAML document: its data and the position of every value and key in it (located problems
+    are made from these by the loader, which also tracks positions across `extends:`)."""
 
     file: str
     data: object = None
     positions: dict = field(default_factory=dict)  # tuple path -> (line, col), 1-based
     key_positions: dict = field(default_factory=dict)  # tuple path of a mapping key -> (line, col)
-
-    def at(self, path, *, key: bool = False) -> tuple[int, int]:
-        """Position of `path`, falling back to the nearest enclosing value."""
-        path = tuple(path)
-        table = self.key_positions if key else self.positions
-        while path:
-            if path in table:
-                return table[path]
-            if path in self.positions:
-                return self.positions[path]
-            path = path[:-1]
-        return self.positions.get((), (1, 1))
-
-    def problem(self, path, message: str, hint: str = "", *, key: bool = False) -> Problem:
-        line, col = self.at(path, key=key)
-        return Problem(self.file, line, col, dotted(path), message, hint)
 
 
 class _TooBig(Exception):
