@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .coreml.check import _check_precision_mix
+from .coreml.check import precision_mix_findings
 from .coreml.inventory import WeightRecord, inventory
 from .coreml.model import CoreMLModel, load_model
 from .coreml.weights import Storage
@@ -162,9 +162,9 @@ def _precision_problems(records, after, stage, recipe, at) -> list[Problem]:
     out = []
     for recs in by_layer.values():
         layer = recs[0].layer_msg
-        if _check_precision_mix(layer, recs):
+        if precision_mix_findings(layer, recs):
             continue  # already mixed in the input: the check reports it on the input itself
-        for f in _check_precision_mix(layer, [replace(r, storage=after[r.id]) for r in recs]):
+        for f in precision_mix_findings(layer, [replace(r, storage=after[r.id]) for r in recs]):
             out.append(_problem(recipe, at + ("rules",), f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
                                 "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])"))
     return out

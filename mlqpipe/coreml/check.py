@@ -102,7 +102,7 @@ def _check_layer(layer, records: list[WeightRecord]) -> list[Finding]:
     findings: list[Finding] = []
     for rec in records:
         findings += _check_blob(layer, rec)
-    findings += _check_precision_mix(layer, records)
+    findings += precision_mix_findings(layer, records)
     return findings
 
 
@@ -216,7 +216,7 @@ def _check_int8(layer, rec: WeightRecord) -> list[Finding]:
     return out
 
 
-def _check_precision_mix(layer, records: list[WeightRecord]) -> list[Finding]:
+def precision_mix_findings(layer, records: list[WeightRecord]) -> list[Finding]:
     """float16 and float32 blobs may not be mixed within a layer's weights and bias (nor within batchnorm's
     four parameters or one recurrent layer); quantized blobs may sit beside either."""
     records = [rec for rec in records if rec.count]  # a blob with no values has no precision
