@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize_weights": "mlqpipe.compat",
-    "QuantizedLayerSelector": "mlqpipe.compat",
-    "AdvancedQuantizedLayerSelector": "mlqpipe.compat",
-    "MatrixMultiplyLayerSelector": "mlqpipe.compat",
+    "QuantizedLayerSelector": "mlqpipe.ct_selectors",
+    "AdvancedQuantizedLayerSelector": "mlqpipe.ct_selectors",
+    "MatrixMultiplyLayerSelector": "mlqpipe.ct_selectors",
     "load_model": "mlqpipe.coreml.model",
     "CoreMLModel": "mlqpipe.coreml.model",
     "inventory": "mlqpipe.coreml.inventory",

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a process killed by SIGPIPE reports
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,26 +20,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="say more (repeat for more)")
+    # -v is accepted after the subcommand too (`mlqpipe plan R -v`); SUPPRESS keeps the top-level count
+    # when the subcommand does not repeat it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="say more (repeat for more)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("validate", help="check recipes: schema, files, rules, custom code; all problems at once")
+    def add(name, **kwargs):
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    s = add("validate", help="check recipes: schema, files, rules, custom code; all problems at once")
     s.add_argument("recipes", nargs="+", metavar="RECIPE")
     _root_option(s)
     s.set_defaults(run=lambda a: _commands().validate(a.recipes, a.verbose, a.allow_outside_root))
 
-    s = sub.add_parser("plan", help="show what a recipe will do to every weight, and the sizes before/after")
+    s = add("plan", help="show what a recipe will do to every weight, and the sizes before/after")
     s.add_argument("recipe", metavar="RECIPE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     _root_option(s)
     s.set_defaults(run=lambda a: _commands().plan(a.recipe, a.json, a.verbose, a.allow_outside_root))
 
-    s = sub.add_parser("quantize", help="run recipes directly (no doit, no cache) and write their outputs")
+    s = add("quantize", help="run recipes directly (no doit, no cache) and write their outputs")
     s.add_argument("recipes", nargs="+", metavar="RECIPE")
     _custom_code_options(s)
     _root_option(s)
     s.set_defaults(run=lambda a: _commands().quantize(a.recipes, _custom_policy(a), a.verbose, a.allow_outside_root))
 
-    s = sub.add_parser("build", help="build recipes through doit: cached, incremental, reproducible")
+    s = add("build", help="build recipes through doit: cached, incremental, reproducible")
     s.add_argument("recipes", nargs="*", metavar="RECIPE", default=["recipes/*.yaml", "pipelines/**/*.yaml"],
                    help="recipe files or globs (default: recipes/*.yaml and pipelines/**/*.yaml)")
     s.add_argument("-j", "--jobs", type=int, default=1, help="parallel processes")
@@ -48,34 +56,34 @@ def _parser() -> argparse.ArgumentParser:
     _build_options(s)
     s.set_defaults(run=_build)
 
-    s = sub.add_parser("verify", help="check that outputs and inputs on disk match the lock file")
+    s = add("verify", help="check that outputs and inputs on disk match the lock file")
     s.add_argument("lock", nargs="?", default="mlqpipe.lock.json")
     s.set_defaults(run=_verify)
 
-    s = sub.add_parser("diff", help="compare two lock files (e.g. main and a pull request)")
+    s = add("diff", help="compare two lock files (e.g. main and a pull request)")
     s.add_argument("old")
     s.add_argument("new")
     s.set_defaults(run=_diff)
 
-    s = sub.add_parser("cache", help="inspect or maintain the stage cache")
+    s = add("cache", help="inspect or maintain the stage cache")
     s.add_argument("action", choices=["stats", "verify", "prune"])
     _build_options(s)
     s.set_defaults(run=_cache)
 
-    s = sub.add_parser("report", help="print the quality report of a built output (or of every output of a recipe)")
+    s = add("report", help="print the quality report of a built output (or of every output of a recipe)")
     s.add_argument("target", metavar="OUTPUT_OR_RECIPE")
     s.add_argument("--json", action="store_true", help="the JSON report instead of Markdown")
     s.set_defaults(run=_report)
 
-    s = sub.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+    s = add("schema", help="print the recipe JSON Schema (for editors)")
     s.set_defaults(run=_schema)
 
-    s = sub.add_parser("inspect", help="list every weight blob of a .mlmodel (layer, field, shape, storage)")
+    s = add("inspect", help="list every weight blob of a .mlmodel (layer, field, shape, storage)")
     s.add_argument("model", help="path to a .mlmodel")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(run=_inspect)
 
-    s = sub.add_parser("check", help="check .mlmodel files against Core ML's loading rules")
+    s = add("check", help="check .mlmodel files against Core ML's loading rules")
     s.add_argument("models", nargs="+", metavar="MODEL", help="paths to .mlmodel files")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(run=_check)
@@ -97,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
+    except BrokenPipeError:  # `mlqpipe ... | head`: the reader left; stop quietly, as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE
     except MlqpipeError as e:
         if type(e).__name__ == "GateFailure":  # a quality finding, not bad input
             print(f"mlqpipe: {e}", file=sys.stderr)
@@ -185,12 +198,18 @@ def _report(args) -> int:
         paths = [recipe.report_paths(job) for job in recipe.models]
     else:
         stem = target.name[: -len(".mlmodel")] if target.name.endswith(".mlmodel") else target.name
-        paths = [(target.with_name(f"{stem}.report.json"), target.with_name(f"{stem}.report.md"))]
-    for json_path, md_path in paths:
+        paths = [(target.with_name(f"{stem}.report.json"), target.with_name(f"{stem}.report.md"), None)]
+    texts = []
+    for json_path, md_path, _ in paths:
         path = json_path if args.json else md_path
         if not path.is_file():
             raise MlqpipeError(f"{path}: no report; build the model first (mlqpipe build / mlqpipe quantize)")
-        sys.stdout.write(path.read_text(encoding="utf-8"))
+        texts.append(path.read_text(encoding="utf-8"))
+    if args.json and target.suffix in (".yaml", ".yml"):  # one JSON document: the list of the recipe's reports
+        import json
+
+        texts = [json.dumps([json.loads(t) for t in texts], indent=2) + "\n"]
+    sys.stdout.write("".join(texts))
     return EXIT_OK
 
 

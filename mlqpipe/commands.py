@@ -7,17 +7,12 @@ import os
 import sys
 
 from .errors import RecipeError
+from .fileio import shown_path as _rel
 from .plan import ModelPlan, plan_recipe
 from .recipe import check_recipe_collisions, load_recipe
 from .recipe.problems import Problem, raise_problems
 from .show import table
 
-
-def _rel(path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
 
 
 def load_all(paths, *, plan: bool = True, allow_outside_root: bool = False):

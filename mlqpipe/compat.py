@@ -9,13 +9,16 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .coreml.fold import blob_uses, fold_network
-from .coreml.inventory import WeightRecord, inventory, layer_records
-from .coreml.layers import COREMLTOOLS_SELECTOR_TYPES, nested_networks
-from .coreml.model import CoreMLModel, load_model, neural_networks, output_names
+from .coreml.model import CoreMLModel, load_model, neural_networks
 from .coreml.version import raise_versions
 from .errors import ModelError
 from .modes import ModeSettings, apply_mode, check_settings
+from .ct_selectors import (  # noqa: F401  (re-exported: coremltools' names)
+    AdvancedQuantizedLayerSelector,
+    MatrixMultiplyLayerSelector,
+    QuantizedLayerSelector,
+    select_like_coremltools,
+)
 from .quant.linear import COREMLTOOLS_MIN_SCALE
 
 _CT_MODES = {
@@ -27,111 +30,6 @@ _CT_MODES = {
     "custom_lut": "custom_lut",
     "dequantization": "dequantize",
 }
-_QUANTIZABLE = COREMLTOOLS_SELECTOR_TYPES
-
-
-class QuantizedLayerSelector:
-    """Selects every layer type coremltools quantizes; subclass and override `do_quantize` to customise."""
-
-    def __init__(self):
-        self.quantizable_layer_types = set(_QUANTIZABLE)
-
-    def do_quantize(self, layer, **kwargs) -> bool:
-        return layer.WhichOneof("layer") in self.quantizable_layer_types
-
-
-class AdvancedQuantizedLayerSelector(QuantizedLayerSelector):
-    """coremltools' selector: skip layer types, and small convolutions (weights only).
-
-    Reproduced exactly, including coremltools' quirk that every non-convolution layer type is treated like
-    innerProduct (its test `layer_type == "innerProduct" or "batchedMatmul"` is always true), so `"bias"` in
-    skip_layer_types also skips biases of innerProduct and batchedMatmul, and nothing else.
-    """
-
-    def __init__(self, skip_layer_types=(), minimum_conv_kernel_channels=4, minimum_conv_weight_count=4096):
-        super().__init__()
-        invalid = [t for t in skip_layer_types if t not in self.quantizable_layer_types]
-        if invalid:
-            raise ValueError(
-                f"Skip quantization layer types ({','.join(invalid)}) is not supported. "
-                f"Supported: {', '.join(sorted(self.quantizable_layer_types))}"
-            )
-        self.skip_layer_types = list(skip_layer_types)
-        self.minimum_conv_kernel_channels = minimum_conv_kernel_channels
-        self.minimum_conv_weight_count = minimum_conv_weight_count
-
-    def do_quantize(self, layer, weight_param=None) -> bool:
-        if not super().do_quantize(layer):
-            return False
-        kind = layer.WhichOneof("layer")
-        if kind in self.skip_layer_types:
-            return False
-        if weight_param not in (None, "weights", "bias"):
-            raise ValueError(f"Unrecognized quantization weight field {weight_param}")
-        if weight_param == "bias":
-            return "bias" not in self.skip_layer_types
-        if kind == "convolution":
-            c = layer.convolution
-            kc, groups = int(c.kernelChannels), int(c.nGroups)
-            count = int(c.outputChannels) * kc * int(c.kernelSize[0]) * int(c.kernelSize[1])
-            if "depthwiseConv" in self.skip_layer_types and kc == 1 and groups > 1:
-                return False
-            if kc < self.minimum_conv_kernel_channels or count < self.minimum_conv_weight_count:
-                return False
-        return True
-
-
-class MatrixMultiplyLayerSelector(QuantizedLayerSelector):
-    """coremltools' selector for innerProduct / batchedMatmul by weight count, channels and names.
-
-    `include_layers_with_names` works here (coremltools 9.0 raises AttributeError when it is given).
-    """
-
-    def __init__(
-        self,
-        minimum_weight_count=1,
-        minimum_input_channels=1,
-        minimum_output_channels=1,
-        maximum_input_channels=None,
-        maximum_output_channels=None,
-        include_layers_with_names=None,
-    ):
-        super().__init__()
-        names = [] if include_layers_with_names is None else include_layers_with_names
-        if not (isinstance(names, (list, tuple)) and all(isinstance(s, str) for s in names)):
-            raise ValueError("Property 'include_layers_with_names' must be a list/tuple of str objects")
-        self.minimum_weight_count = minimum_weight_count
-        self.minimum_input_channels = minimum_input_channels
-        self.minimum_output_channels = minimum_output_channels
-        self.maximum_input_channels = maximum_input_channels
-        self.maximum_output_channels = maximum_output_channels
-        self.include_layers_with_names = list(names)
-
-    def do_quantize(self, layer, weight_param=None) -> bool:
-        if not super().do_quantize(layer):
-            return False
-        kind = layer.WhichOneof("layer")
-        if kind in ("loop", "branch"):
-            return True
-        if kind not in ("innerProduct", "batchedMatmul"):
-            return False
-        if weight_param == "bias":
-            return True
-        if weight_param not in (None, "weights"):
-            raise ValueError(f"Unrecognized quantization weight field {weight_param}")
-        if kind == "innerProduct":
-            ic, oc = int(layer.innerProduct.inputChannels), int(layer.innerProduct.outputChannels)
-        else:
-            ic = int(layer.batchedMatmul.weightMatrixFirstDimension)
-            oc = int(layer.batchedMatmul.weightMatrixSecondDimension)
-        return not (
-            ic * oc < self.minimum_weight_count
-            or ic < self.minimum_input_channels
-            or oc < self.minimum_output_channels
-            or (self.maximum_input_channels and ic > self.maximum_input_channels)
-            or (self.maximum_output_channels and oc > self.maximum_output_channels)
-            or (self.include_layers_with_names and layer.name not in self.include_layers_with_names)
-        )
 
 
 def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: str = "linear", sample_data=None, **kwargs) -> CoreMLModel:
@@ -158,55 +56,16 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
         raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
     # coremltools folds below 16 bits, each network as it reaches it (nested ones only if selected)
     chosen = select_like_coremltools(model.spec, selector, fold=mode not in ("fp16", "dequantize"))
+    already = [rec for rec in chosen if rec.storage.is_quantized and mode != "dequantize"]
+    if already:  # as coremltools: quantize the float weights, leave quantized ones as they are
+        warnings.warn(f"{model.source}: {len(already)} weight(s) already quantized, left as they are: "
+                      f"{', '.join(rec.where for rec in already)}", stacklevel=2)
     for rec in chosen:
         if rec.updatable:
             warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)", stacklevel=2)
             continue
+        if rec.storage.is_quantized and mode != "dequantize":
+            continue
         apply_mode(rec, settings)
     raise_versions(model.spec, "fp16" if nbits == 16 else "quantized")  # coremltools keys this on nbits
     return model
-
-
-def select_like_coremltools(spec, selector, fold: bool = False) -> list[WeightRecord]:
-    """The blobs coremltools' quantize_weights would touch with this selector, in its order; with `fold`,
-    each network is folded when the walk reaches it, as coremltools does below 16 bits.
-
-    `selector` is a QuantizedLayerSelector (ours, coremltools', or a subclass: `do_quantize(layer, ...)`),
-    or mlqpipe's own selector interface: any callable taking a WeightRecord and returning True to quantize
-    it (recipe rules implement this one; it may pick any weight, not only those coremltools handles).
-    """
-    if not hasattr(selector, "do_quantize"):
-        if not callable(selector):
-            raise TypeError("selector must have do_quantize(layer, ...) or be a callable(weight_record) -> bool")
-        return [rec for rec in inventory(spec) if selector(rec)]
-    chosen: list[WeightRecord] = []
-    protected = output_names(spec)
-    for model_path, model_spec, nn in neural_networks(spec):
-        folding = (protected, blob_uses(nn)) if fold else None
-        _select_network(nn, selector, chosen, model_path, "", model_spec, folding)
-    return chosen
-
-
-def _unused_by_coremltools(rec: WeightRecord) -> bool:
-    """Blobs the layer's flags mark unused (hasBias false, ...) are left alone by coremltools — except LSTM
-    bias vectors, which it quantizes whatever hasBiasVectors says."""
-    lstm_bias = rec.layer_type in ("uniDirectionalLSTM", "biDirectionalLSTM") and rec.field.endswith("BiasVector")
-    return not rec.expected and not lstm_bias
-
-
-def _select_network(network, selector, chosen, model_path, net_path, model_spec, folding=None) -> None:
-    if folding is not None:
-        fold_network(network, *folding, f"{model_path}{net_path}")
-    for layer in network.layers:
-        kind = layer.WhichOneof("layer")
-        if not selector.do_quantize(layer):
-            continue
-        for name, sub in nested_networks(layer):
-            _select_network(sub, selector, chosen, model_path, f"{net_path}{layer.name}.{name}/", model_spec, folding)
-        for rec in layer_records(model_path, net_path, network, layer, model_spec):
-            if not rec.coremltools or _unused_by_coremltools(rec):
-                continue
-            if rec.field == "bias" and kind in ("convolution", "innerProduct", "batchedMatmul"):
-                if not selector.do_quantize(layer, weight_param="bias"):
-                    continue
-            chosen.append(rec)

@@ -21,7 +21,7 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
     if stage.mode == "fold":
         plan.folds = fold_model(spec, kinds=stage.fold)
         return plan
-    decisions, problems, _ = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, allow_custom))
+    decisions, problems, _ = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=model.source)
     raise_problems(problems)
     lut_function = None
     if stage.mode == "custom_lut":

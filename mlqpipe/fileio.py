@@ -7,6 +7,20 @@ import tempfile
 from pathlib import Path
 
 
+def shown_path(path) -> str:
+    """A path as messages show it: relative to the working directory where possible."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
     """Write to a temporary file beside `path`, then rename it into place: readers, and a build killed at
     any point, never see a partial file. Flushing to disk before the rename (`fsync`, or MLQPIPE_FSYNC=1)
@@ -18,6 +32,7 @@ def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get what a normally created file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if fsync:

@@ -15,6 +15,7 @@ from .coreml.inventory import WeightRecord, inventory
 from .coreml.model import CoreMLModel, load_model
 from .coreml.weights import Storage
 from .errors import ModelError
+from .fileio import shown_path as _shown
 from .recipe.problems import Problem, dotted
 from .recipe.types import ModelJob, Recipe, Stage
 from .select import RuleMatcher, decide
@@ -92,8 +93,10 @@ def stage_index(recipe: Recipe, stage: Stage) -> int:
     return next(i for i, s in enumerate(recipe.stages) if s.name == stage.name)
 
 
-def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None):
-    """Decisions for every weight of `spec` in one quantizing stage, and the problems they imply."""
+def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None,
+                 model_file: str = ""):
+    """Decisions for every weight of `spec` in one quantizing stage, and the problems they imply
+    (`model_file`: the input these are about, named in the problems)."""
     for m in matchers:
         m.prepare(spec)
     records = []
@@ -123,8 +126,10 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
         elif st.is_quantized:
             action, reason = "error", f"already quantized ({st})"
             problems.append(_problem(recipe, at + ("rules",),
-                                     f"stage '{stage.name}' would quantize {rec.id}, which is already quantized ({st}) — selected by rule '{match.rule}'",
-                                     "add a dequantize stage before it, or exclude the weight (e.g. storage: [float32, float16] in the rule)"))
+                                     f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' would quantize {rec.id}, "
+                                     f"which is already quantized ({st}) — selected by rule '{match.rule}'",
+                                     f"add `storage: float32` (or [float32, float16]) to rule '{match.rule}' to leave quantized "
+                                     "weights as they are, or add a dequantize stage before this one"))
         elif stage.mode == "fp16" and st.kind == "float16":
             reason = "already float16"
         else:
@@ -185,13 +190,18 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
     overlay: dict = {}
     start = {r.id: r for r in inventory(spec)}
     plan.bytes_before = sum(estimate_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
-    for stage in job.stages:
+    for i, stage in enumerate(job.stages):
         sp = StagePlan(stage)
         if stage.mode == "fold":
-            sp.folds = fold_model(spec, kinds=stage.fold)
+            try:
+                sp.folds = fold_model(spec, kinds=stage.fold)
+            except ModelError as e:  # the input breaks Core ML's rules in a way no fold can repair
+                plan.problems.append(_problem(recipe, ("models", job.entry, "input"), f"{_shown(job.input)}: stage '{stage.name}': {e}"))
+                plan.loaded = False
+                return plan
         else:
             matchers = matchers_for(stage, recipe, None)
-            decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay)
+            decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay, model_file=job.input)
             plan.matched_rules |= rules_matching_something(spec, matchers, overlay)
             sp.decisions = decisions
             plan.problems += problems

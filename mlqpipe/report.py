@@ -60,10 +60,10 @@ def stage_rows(specs: list, stages, decisions_by_stage: list | None = None) -> l
             old = before.get(rec.id)
             if old is None or str(old.storage) == str(rec.storage):
                 continue
-            snr, max_abs, rel = _metrics(old.values(), rec.values())
+            snr, max_abs, rel = _metrics(old.values(), rec.values(count=old.count))
             rows.append({
                 "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.slot_path,
-                "shape": list(rec.shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits,
+                "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits,
                 "bytes_before": old.nbytes, "bytes_after": rec.nbytes,
                 "snr_db": snr, "max_abs_error": max_abs, "relative_l2_error": rel, "rule": rules.get(rec.id),
             })
@@ -167,16 +167,19 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_png(report: dict, specs: list) -> bytes | None:
+def to_png(report: dict, specs: list) -> bytes:
     """Per-weight SNR bars and, for the lowest-SNR weight, float vs quantized value histograms.
-    None when matplotlib is not installed (it is an optional extra: pip install 'mlqpipe[plot]')."""
+    Needs matplotlib, an optional extra: a recipe asking for png without it is an error, not a skipped file."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        from .errors import MlqpipeError
+
+        raise MlqpipeError("report format png needs matplotlib: pip install 'mlqpipe[plot]' "
+                           "(or drop png from report.formats)") from None
     import io
 
     rows = [r for r in report["weights"] if not isinstance(r["snr_db"], str)]
@@ -211,14 +214,11 @@ def write_report(report: dict, job, recipe, formats=("json", "markdown"), specs:
 
             raise MlqpipeError(f"{path}: cannot write the report: {e.strerror or e}") from None
 
-    json_path, md_path = recipe.report_paths(job)
+    json_path, md_path, png_path = recipe.report_paths(job)
     written = []
     if "png" in formats and specs:
-        png = to_png(report, specs)
-        if png is not None:
-            path = Path(str(json_path)[: -len(".json")] + ".png")
-            atomic_write(path, png)
-            written.append(path)
+        atomic_write(png_path, to_png(report, specs))
+        written.append(png_path)
     if "json" in formats:
         atomic_write(json_path, to_json(report))
         written.append(json_path)

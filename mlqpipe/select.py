@@ -18,6 +18,7 @@ from math import prod
 
 from .coreml.inventory import WeightRecord
 from .coreml.layers import weight_slots
+from .ct_selectors import SELECTORS, select_like_coremltools
 from .recipe.types import Rule
 
 PENDING = "pending"  # a python rule not evaluated in a plan
@@ -56,23 +57,20 @@ class RuleMatcher:
 
     def prepare(self, spec) -> None:
         """Compute what depends on the whole model (coremltools selector semantics) for this state."""
-        if self.rule.coremltools_selector is not None:
-            from .compat import select_like_coremltools
-
-            self._ct_ids = {r.id for r in select_like_coremltools(spec, self._ct_selector())}
         if self.rule.python and self.allow_custom is not None and self._custom is None:
             from .recipe.custom import load_code
 
-            self._custom = _as_predicate(load_code(self.rule.python, self.python_path, allow=self.allow_custom))
+            self._custom = _custom_rule(load_code(self.rule.python, self.python_path, allow=self.allow_custom))
+        selectors = [self._ct_selector()] if self.rule.coremltools_selector is not None else []
+        if hasattr(self._custom, "do_quantize"):  # a coremltools-style selector in a python: rule
+            selectors.append(self._custom)
+        picked = [{r.id for r in select_like_coremltools(spec, sel)} for sel in selectors]
+        self._ct_ids = set.intersection(*picked) if picked else None  # a rule naming both needs both
 
     def _ct_selector(self):
-        from . import compat
-
         sel = self.rule.coremltools_selector
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in sel.settings}
-        cls = {"default": compat.QuantizedLayerSelector, "advanced": compat.AdvancedQuantizedLayerSelector,
-               "matrix_multiply": compat.MatrixMultiplyLayerSelector}[sel.type]
-        return cls(**settings)
+        return SELECTORS[sel.type](**settings)
 
     def matches(self, rec: WeightRecord) -> bool | str:
         """True/False, or PENDING for custom code that a plan does not run."""
@@ -104,26 +102,16 @@ class RuleMatcher:
         if r.python:
             if self._custom is None:
                 return PENDING
-            return bool(self._custom(rec))
+            return True if self._ct_ids is not None else bool(self._custom(rec))
         return True
 
 
-def _as_predicate(obj):
-    """A callable(record) -> bool from a function or a coremltools-style QuantizedLayerSelector (class or instance)."""
+def _custom_rule(obj):
+    """A python: rule's object: a callable(record) -> bool, or a coremltools-style QuantizedLayerSelector
+    (class or instance), which `prepare` applies with coremltools' walk (ct_selectors)."""
     if isinstance(obj, type):
         obj = obj()
-    if hasattr(obj, "do_quantize"):
-        selector = obj
-
-        def predicate(rec: WeightRecord) -> bool:
-            if not rec.coremltools or not selector.do_quantize(rec.layer_msg):
-                return False
-            if rec.field == "bias" and rec.layer_type in ("convolution", "innerProduct", "batchedMatmul"):
-                return bool(selector.do_quantize(rec.layer_msg, weight_param="bias"))
-            return True
-
-        return predicate
-    if not callable(obj):
+    if not hasattr(obj, "do_quantize") and not callable(obj):
         from .errors import RecipeError
 
         raise RecipeError(f"custom rule code {obj!r} is neither callable nor a QuantizedLayerSelector")

@@ -74,12 +74,44 @@ def small_model(dtype="<f4") -> "proto.Model":
 
 def deconvolution_model():
     """A one-layer deconvolution model with a declared input and output (the evaluator does not run it)."""
-    from mlqpipe.coreml.description import ModelDescription
-
     m = model()
     add_conv(network(m), "up", "x", "y", oc=2, kc=2, k=2, deconv=True, seed=3)
+    return describe(m, [("x", [2, 4, 4])], [("y", [2, 5, 5])])
+
+
+FLOAT32_ARRAY = 65568  # ArrayFeatureType.FLOAT32
+
+
+def describe(m, inputs, outputs):
+    """Declare float32 multi-array inputs and outputs [(name, shape), ...] (Core ML's validator needs them)."""
+    from mlqpipe.coreml.description import ModelDescription
+
     desc = ModelDescription()
-    desc.input.add(name="x").type.multiArrayType.shape.extend([2, 4, 4])
-    desc.output.add(name="y").type.multiArrayType.shape.extend([2, 5, 5])
+    for features, pairs in ((desc.input, inputs), (desc.output, outputs)):
+        for name, shape in pairs:
+            t = features.add(name=name).type.multiArrayType
+            t.shape.extend(shape)
+            t.dataType = FLOAT32_ARRAY
     m.description = desc.SerializeToString()
     return m
+
+
+def conv_batchnorm_model(empty: str | None = None, scale_after: bool = False):
+    """conv (4 out) -> batchnorm [-> scale]; `empty` names a batchnorm parameter left without values."""
+    m = model()
+    nn = network(m)
+    add_conv(nn, "conv", "x", "c", oc=4, kc=3, seed=1)
+    bn = nn.layers.add(name="bn", input=["c"], output=["b" if scale_after else "y"]).batchnorm
+    bn.channels, bn.epsilon = 4, 1e-5
+    for f in ("gamma", "beta", "mean", "variance"):
+        if f != empty:
+            set_float(getattr(bn, f), np.abs(weights(4, seed=7)) + 0.5)
+    if scale_after:
+        sc = nn.layers.add(name="sc", input=["b"], output=["y"]).scale
+        sc.shapeScale.extend([4])
+        set_float(sc.scale, weights(4, seed=8) + 1)
+    return describe(m, [("x", [3, 8, 8])], [("y", [4, 6, 6])])
+
+
+def layer_types(m) -> list[str]:
+    return [layer.WhichOneof("layer") for layer in network(m).layers]

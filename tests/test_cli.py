@@ -58,3 +58,36 @@ def test_usage_errors(capsys):
     assert e.value.code == 2
     assert main(["inspect", "nope.mlmodel"]) == 2
     assert "nope.mlmodel: no such model file" in capsys.readouterr().err
+
+
+def test_verbose_flag_after_the_subcommand(pipelines, capsys):
+    assert main(["plan", "pipelines/demo/demo.yaml"]) == 0
+    short = capsys.readouterr().out
+    assert "-v lists them" in short
+    assert main(["plan", "pipelines/demo/demo.yaml", "-v"]) == 0
+    after = capsys.readouterr().out
+    assert main(["-v", "plan", "pipelines/demo/demo.yaml"]) == 0
+    before = capsys.readouterr().out
+    assert after == before and len(after.splitlines()) > len(short.splitlines()) and "-v lists them" not in after
+
+
+def test_output_piped_into_head_ends_quietly(pipelines):
+    import subprocess
+    import sys
+
+    code = "import sys; from mlqpipe.cli import main; sys.exit(main(sys.argv[1:]))"
+    for args in (["plan", "-v", "pipelines/demo/demo.yaml"], ["inspect", "pipelines/demo/digits_mlp.mlmodel"], ["schema"]):
+        proc = subprocess.run(f"{sys.executable} -c '{code}' {' '.join(args)} | head -n 1", shell=True,
+                              capture_output=True, text=True, cwd=pipelines.parent, env={"PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc
+        assert proc.stderr == "", proc.stderr  # no BrokenPipeError traceback
+
+
+def test_report_json_of_a_recipe_is_one_document(pipelines, capsys):
+    assert main(["quantize", "pipelines/demo/demo.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--json", "pipelines/demo/demo.yaml"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # one document: a list of the recipe's reports
+    assert [r["output"] for r in doc] == ["build/demo/digits_cnn.q.mlmodel", "build/demo/digits_mlp.q.mlmodel"]
+    assert main(["report", "--json", "build/demo/digits_mlp.q.mlmodel"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "build/demo/digits_mlp.q.mlmodel"

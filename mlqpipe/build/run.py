@@ -71,6 +71,9 @@ def _lock_outputs(options: BuildOptions) -> dict:
         return {}
 
 
+MAX_LOG_BYTES = 1 << 20  # the task event log is started afresh past this
+
+
 def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False, prune: bool = False,
           options: BuildOptions | None = None, verbose: int = 0) -> int:
     options = options or BuildOptions()
@@ -79,7 +82,13 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
     if dry_run:
         return _dry_run(options)
     log = Path(options.state_dir) / "run.jsonl"
-    log.unlink(missing_ok=True)
+    try:  # tasks append their events; this run's start at the current end (a no-op build touches nothing)
+        _CURRENT["log_offset"] = log.stat().st_size
+        if _CURRENT["log_offset"] > MAX_LOG_BYTES:
+            log.unlink()
+            _CURRENT["log_offset"] = 0
+    except FileNotFoundError:
+        _CURRENT["log_offset"] = 0
     argv = ["run"]
     if jobs > 1:
         argv += ["-n", str(jobs), "-P", "process"]
@@ -93,8 +102,9 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
     status = _doit(argv, options)
     stale = _stale_outputs(options)
     if prune:
-        for path in stale:
-            Path(path).unlink(missing_ok=True)
+        for path, reports in stale.items():
+            for file in [path, *reports]:
+                Path(file).unlink(missing_ok=True)
         _stale_file(options).unlink(missing_ok=True)
     _summary(options, status, stale, pruned=prune)
     return 0 if status == 0 else (1 if status == 1 else 2)
@@ -115,26 +125,38 @@ def _current_outputs(options: BuildOptions) -> set[str]:
     return _current(options)[0]
 
 
-def _stale_outputs(options: BuildOptions) -> list[str]:
+def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
     """Outputs the lock file listed before this build whose recipe is gone, or is part of this build and no
-    longer produces them (and that still exist on disk)."""
+    longer produces them (and that still exist on disk), each with its report files."""
     outputs, recipes = _current(options)
     previous = {**_lock_outputs(options), **_CURRENT.get("previous_lock", {})}
     stale = {
-        path for path, entry in previous.items()
+        path: entry.get("reports") or _default_reports(path) for path, entry in previous.items()
         if path not in outputs and (entry.get("recipe") in recipes or not Path(entry.get("recipe", "")).is_file())
     }
     remembered = _stale_file(options)
     try:
-        stale |= set(json.loads(remembered.read_text(encoding="utf-8"))) - outputs
-    except (OSError, ValueError, TypeError):
-        pass
-    stale = sorted(p for p in stale if Path(p).exists())
-    # the lock file forgets outputs no recipe makes; remember them here until they are pruned
-    from ..fileio import atomic_write
+        known = remembered.read_text(encoding="utf-8")
+        old = json.loads(known)
+    except (OSError, ValueError):
+        known, old = None, {}
+    if isinstance(old, list):  # the first format: output paths only
+        old = {path: _default_reports(path) for path in old}
+    stale = {p: reports for p, reports in sorted({**old, **stale}.items()) if p not in outputs and Path(p).exists()}
+    # the lock file forgets outputs no recipe makes; remember them here until they are pruned (a no-op
+    # build writes nothing)
+    text = json.dumps(stale, sort_keys=True)
+    if text != known and not (known is None and not stale):
+        from ..fileio import atomic_write
 
-    atomic_write(remembered, json.dumps(stale).encode())
+        atomic_write(remembered, text.encode())
     return stale
+
+
+def _default_reports(output: str) -> list[str]:
+    """Report files beside an output, for lock entries written before they listed their reports."""
+    base = output[: -len(".mlmodel")] if output.endswith(".mlmodel") else output
+    return [f"{base}.report.{ext}" for ext in ("json", "md", "png")]
 
 
 def _stale_file(options: BuildOptions) -> Path:
@@ -161,11 +183,13 @@ def _dry_run(options: BuildOptions) -> int:
     return 0 if status == 0 else 2
 
 
-def _summary(options: BuildOptions, status: int, stale: list[str], pruned: bool) -> None:
+def _summary(options: BuildOptions, status: int, stale: dict[str, list[str]], pruned: bool) -> None:
     events = []
     log = Path(options.state_dir) / "run.jsonl"
     if log.exists():
-        events = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with open(log, "rb") as f:
+            f.seek(_CURRENT.get("log_offset", 0))
+            events = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
     outputs = [e for e in events if e["event"] == "output"]
     computed_models = {(e["recipe"], e["input"]) for e in events if e["event"] in ("stage", "output") and e["computed"]}
     built = sum(1 for e in outputs if (e["recipe"], e["input"]) in computed_models)

@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..fileio import shown_path as _rel
 from ..recipe.problems import Problem
 from .cache import CACHE_FORMAT
 
@@ -49,12 +50,6 @@ def _canonical(obj) -> bytes:
 def digest_of(obj) -> str:
     return hashlib.sha256(_canonical(obj)).hexdigest()
 
-
-def _rel(path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
 
 
 # --- recipes for task generation ------------------------------------------------------------------------
@@ -221,7 +216,7 @@ def _job_tasks(recipe, job, options: BuildOptions):
             "verbosity": 0,
         }
         previous = name
-    reports = [str(p) for p, fmt in zip(recipe.report_paths(job), ("json", "markdown")) if fmt in recipe.report.formats]
+    reports = [str(p) for p in recipe.written_reports(job)]  # targets: `doit clean` removes them with the output
     evaluation_files = [str(job.evaluation.data)] if job.evaluation and job.evaluation.data else []
     yield {
         "basename": f"{prefix}/output",
@@ -298,9 +293,23 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
     return steps, keys, computed
 
 
-def run_stage_action(recipe_path, input_path, options_dict, index) -> dict:
+def _failed(options, recipe_path, input_path, error) -> bool:
+    """A task's failure as one located line (the same text `mlqpipe quantize` prints), not a traceback."""
+    import sys
+
+    print(f"mlqpipe: error: {error}", file=sys.stderr)
+    _log(options, {"event": "failed", "recipe": recipe_path, "input": input_path, "message": str(error)})
+    return False
+
+
+def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | bool:
+    from ..errors import MlqpipeError
+
     options, recipe, job = _context(recipe_path, input_path, options_dict)
-    _, keys, computed = _stage_chain(options, recipe, job, index)
+    try:
+        _, keys, computed = _stage_chain(options, recipe, job, index)
+    except MlqpipeError as e:
+        return _failed(options, recipe_path, input_path, e)
     _log(options, {"event": "stage", "recipe": recipe_path, "input": input_path, "stage": job.stages[index].name, "computed": computed})
     return {"key": keys[index], "computed": computed}
 
@@ -311,26 +320,29 @@ def write_output_action(recipe_path, input_path, options_dict):
     import sys
 
     from ..coreml.model import CoreMLModel, parse_model
+    from ..errors import MlqpipeError
     from ..execute import finish_job
     from ..plan import decide_stage, matchers_for
     from ..quality import GateFailure
     from .cache import sha256
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
-    steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True)
-    specs = [parse_model(step, str(job.input)).spec for step in steps]
-    data = steps[-1]
-    decisions = [
-        [] if stage.mode == "fold" else decide_stage(specs[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
-        for i, stage in enumerate(job.stages)
-    ]
-    final = CoreMLModel(specs[-1], str(job.output))  # the same bytes, parsed once above
     try:
+        steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True)
+        specs = [parse_model(step, str(job.input)).spec for step in steps]
+        data = steps[-1]
+        decisions = [
+            [] if stage.mode == "fold" else decide_stage(specs[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
+            for i, stage in enumerate(job.stages)
+        ]
+        final = CoreMLModel(specs[-1], str(job.input))  # the same bytes, parsed once above (made from the input)
         finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
     except GateFailure as e:
         print(f"mlqpipe: {e}", file=sys.stderr)
         _log(options, {"event": "gate-failed", "recipe": recipe_path, "input": input_path, "message": str(e)})
         return False
+    except MlqpipeError as e:
+        return _failed(options, recipe_path, input_path, e)
     entry = {
         "output": Path(_rel(job.output)).as_posix(),
         "output_sha256": sha256(data),
@@ -338,6 +350,7 @@ def write_output_action(recipe_path, input_path, options_dict):
         "recipe": Path(_rel(recipe.path)).as_posix(),
         "recipe_sha256": digest_of(recipe.document),
         "stage_keys": keys,
+        "reports": [Path(_rel(p)).as_posix() for p in recipe.written_reports(job)],
     }
     from ..fileio import atomic_write
 

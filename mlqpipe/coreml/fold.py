@@ -14,10 +14,11 @@ the bytes match where its fold is right), and differs where its fold is wrong:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import ModelError
 from .inventory import iter_layers
 from .layers import layer_type, nested_networks, weight_slots
 from .model import neural_networks, output_names
@@ -76,15 +77,15 @@ def fold_network(network, protected: set[str], uses: Counter, where: str = "", k
 
 def _next_fold(layers, protected, uses, kinds=ALL_KINDS):
     consumers, producers = _graph(layers)
-    kinds = [layer_type(l) for l in layers]
-    batchnorms = {i for i, k in enumerate(kinds) if k == "batchnorm" and not layers[i].batchnorm.instanceNormalization}
+    types = [layer_type(l) for l in layers]
+    batchnorms = {i for i, t in enumerate(types) if t == "batchnorm" and not layers[i].batchnorm.instanceNormalization}
     order = (
         ("convolution", ("batchnorm", "scale", "bias")),
         ("innerProduct", ("scale", "bias")),
         ("batchnorm", ("scale",)),
     )
     for producer_kind, targets in order:
-        for i, kind in enumerate(kinds):
+        for i, kind in enumerate(types):
             if kind != producer_kind or (kind == "batchnorm" and i not in batchnorms):
                 continue
             if len(consumers[i]) != 1:
@@ -92,10 +93,10 @@ def _next_fold(layers, protected, uses, kinds=ALL_KINDS):
             j = consumers[i][0]
             if len(producers[j]) != 1:
                 continue
-            target = kinds[j]
+            target = types[j]
             if target == "batchnorm" and j not in batchnorms:
                 continue
-            if target in targets and target in kinds:
+            if target in targets and target in kinds:  # kinds: what the caller allows to be folded away
                 fold_kind = f"{producer_kind}+{target}"
                 if _safe(layers[i], layers[j], fold_kind, protected, uses):
                     return i, j, fold_kind
@@ -155,11 +156,16 @@ _SHAPE_OK = {
 
 
 def _values(slot) -> np.ndarray:
+    count = int(np.prod(slot.shape))
+    if count and storage_of(slot.wp).kind == "empty":  # Core ML rejects such a layer; a fold cannot invent values
+        raise ModelError(f"{slot.path}: empty, but the layer's parameters need {count} values: Core ML rejects this "
+                         "model, and folding it would invent numbers (fix the input model)")
     return read_values(slot.wp, int(np.prod(slot.shape)), slot.path, shape=slot.shape, axis=slot.axis)
 
 
 def _slots(layer) -> dict:
-    return {s.field: s for s in weight_slots(layer)}
+    """The layer's blobs by field, their paths prefixed with the layer name (for error messages)."""
+    return {s.field: replace(s, path=f"{layer.name}:{s.path}") for s in weight_slots(layer)}
 
 
 def _scale_weights(layer, per_channel: np.ndarray) -> np.ndarray:
@@ -188,7 +194,7 @@ def _set_bias(layer, bias: np.ndarray) -> None:
 
 def _float32_rest(layer) -> None:
     """Keep one precision per layer: rewrite any remaining float16 blob of the folded layer as float32."""
-    for slot in weight_slots(layer):
+    for slot in _slots(layer).values():
         if storage_of(slot.wp).kind == "float16":
             write_float32(slot.wp, _values(slot))
 

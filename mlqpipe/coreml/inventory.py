@@ -20,6 +20,22 @@ from .weights import Storage, read_values, storage_of, stored_count
 
 @dataclass
 class WeightRecord:
+    """One weight blob (WeightParams) of a model: what selectors, rules, plans and reports look at.
+
+    id: `[models[i]/][layer.subnetwork/]layer:slot`, unique and stable; where: the same, for messages.
+    model_path / network_path: "" at the top; "models[1]/" inside pipelines, "loop_1.bodyNetwork/" inside
+      branch/loop networks.  layer, layer_type ("convolution", ...), field ("weights", "bias", "gamma",
+      "inputGateWeightMatrix", ...), slot_path (the field's path inside the layer's parameters).
+    shape: logical shape from the layer's parameters (None when the layer does not say); axis: the output-
+      channel axis per-channel scales use (None: per tensor); count: number of values.
+    storage: how it is stored; compares equal to its printed form ("float32", "float16", "linear8",
+      "lut4", "int8", "empty"); `storage.kind` drops the bit count, `storage.is_quantized` asks directly.
+    updatable, expected (the layer's flags, e.g. hasBias, say the blob holds data), is_bias,
+      coremltools (coremltools' quantize_weights would quantize it), in_channels, out_channels, groups,
+      depthwise.
+    values() / float_values(): the numbers as float32 (dequantized if needed; the latter refuses NaN/Inf).
+    """
+
     model_path: str  # "" or "models[1]/" inside pipelines
     network_path: str  # "" or "loop_1.bodyNetwork/" for nested networks
     layer: str
@@ -62,8 +78,14 @@ class WeightRecord:
         extra = 4 * (len(q.linearQuantization.scale) + len(q.linearQuantization.bias) + len(q.lookupTableQuantization.floatValue))
         return len(wp.floatValue) + len(wp.float16Value) + len(wp.rawValue) + len(wp.int8RawValue) + extra
 
-    def values(self) -> np.ndarray:
-        """The blob's numbers as float32 in its logical shape (dequantized when stored quantized)."""
+    def values(self, count: int | None = None) -> np.ndarray:
+        """The blob's numbers as float32 in its logical shape (dequantized when stored quantized).
+
+        `count`: for a quantized blob whose layer does not say its size (PReLU alpha: 1 or C values, known
+        from the input's shape only), how many values to read; the caller knows it (the float blob before
+        quantization, the evaluator's input)."""
+        if count is not None and not self.count:
+            return read_values(self.wp, count, self.where)
         flat = read_values(self.wp, self.count, self.where, shape=self.shape, axis=self.axis, groups=self.groups)
         return flat.reshape(self.shape) if self.shape and flat.size == prod(self.shape) else flat
 

@@ -40,8 +40,12 @@ class CoreMLModel:
     def copy(self) -> "CoreMLModel":
         return CoreMLModel(proto.Model.FromString(self.spec.SerializeToString()), self.source)
 
-    def save(self, path: str | os.PathLike, *, check: bool = True) -> None:
-        """Check the model against Core ML's loading rules, then write it atomically."""
+    def save(self, path: str | os.PathLike, *, check: bool = True, overwrite: bool = False) -> None:
+        """Check the model against Core ML's loading rules, then write it atomically. The file the model
+        was loaded from is an input: replacing it needs `overwrite=True`."""
+        if not overwrite and self._loaded_from(path):
+            raise ModelError(f"{os.fspath(path)}: this is the file the model was loaded from; refusing to overwrite "
+                             "an input (save to another path, or pass overwrite=True)")
         if check:
             from .check import raise_on_errors
 
@@ -50,6 +54,12 @@ class CoreMLModel:
             atomic_write(path, self.SerializeToString())
         except OSError as e:
             raise ModelError(f"{os.fspath(path)}: cannot write the model: {e.strerror or e}; nothing was written") from None
+
+    def _loaded_from(self, path) -> bool:
+        try:
+            return os.path.samefile(self.source, path)
+        except (OSError, ValueError):  # no such file, or a source that is not a path ("<bytes>")
+            return False
 
     @property
     def model_type(self) -> str | None:

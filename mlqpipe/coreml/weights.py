@@ -35,6 +35,17 @@ class Storage:
     def __str__(self) -> str:
         return f"{self.kind}{self.nbits}" if self.kind in ("linear", "lut") else self.kind
 
+    def __eq__(self, other) -> bool:
+        """Equal to another Storage, or to the string it prints as (`rec.storage == "float32"`, "linear8")."""
+        if isinstance(other, str):
+            return str(self) == other
+        if isinstance(other, Storage):
+            return (self.kind, self.nbits) == (other.kind, other.nbits)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))  # consistent with equality to strings
+
 
 def set_fields(wp) -> list[str]:
     """The storage fields that hold bytes (more than one makes the blob invalid).
@@ -74,6 +85,13 @@ def stored_count(wp, st: Storage) -> int:
     if st.kind == "int8":
         return len(wp.int8RawValue)
     return 0
+
+
+def holds_values(wp, st: Storage, count: int) -> bool:
+    """Whether a quantized blob's bytes are enough for `count` values (Core ML's packed-size rule)."""
+    if st.kind == "int8":
+        return len(wp.int8RawValue) >= count
+    return len(wp.rawValue) * 8 >= count * st.nbits
 
 
 def read_values(wp, count: int, where: str, *, shape=None, axis=None, groups: int = 1) -> np.ndarray:

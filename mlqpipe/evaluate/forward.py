@@ -12,14 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..coreml.inventory import iter_layers, layer_records
+from ..coreml.weights import holds_values
 
 
 class Unsupported(Exception):
     """The evaluator cannot run this layer (type or setting); the message names it."""
 
 
-def _weights(model_path, net_path, network, layer, model_spec) -> dict:
-    return {r.slot_path: r.values() for r in layer_records(model_path, net_path, network, layer, model_spec)}
+def _weights(model_path, net_path, network, layer, model_spec, channels: int | None = None) -> dict:
+    """The layer's blobs by slot path. A quantized blob whose size the layer does not say (PReLU and
+    parametricSoftplus take 1 or C values, C the input's channels) is read as C values when its bytes hold
+    that many, else as one."""
+    out = {}
+    for r in layer_records(model_path, net_path, network, layer, model_spec):
+        count = None
+        if not r.count and r.storage.is_quantized and channels:
+            count = channels if holds_values(r.wp, r.storage, channels) else 1
+        out[r.slot_path] = r.values(count=count)
+    return out
 
 
 def run_network(nn, model_spec, feeds: dict[str, np.ndarray], model_path: str = "") -> dict[str, np.ndarray]:
@@ -35,7 +45,8 @@ def run_network(nn, model_spec, feeds: dict[str, np.ndarray], model_path: str = 
         missing = [i for i in layer.input if i not in blobs]
         if missing and kind != "uniDirectionalLSTM":
             raise Unsupported(f"layer '{layer.name}': input blob {missing[0]!r} is not available")
-        w = _weights(model_path, net_path, network, layer, model_spec)
+        first = blobs.get(layer.input[0]) if layer.input else None
+        w = _weights(model_path, net_path, network, layer, model_spec, first.shape[2] if getattr(first, "ndim", 0) == 5 else None)
         params = getattr(layer, kind)
         if isinstance(params, bytes):
             from .messages import LAYER_PARAMS

@@ -10,6 +10,7 @@ import string
 from dataclasses import replace
 from pathlib import Path
 
+from ..fileio import shown_path as _shown
 from .custom import find_code
 from .problems import Problem, dotted, raise_problems
 from .schema_check import did_you_mean, schema_problems
@@ -44,12 +45,6 @@ class _Located:
         file, line, col = self.locate(path, key)
         return Problem(file, line, col, dotted(path), message, hint)
 
-
-def _shown(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
 
 
 def _read_chain(path: Path, problems: list[Problem], seen: tuple[Path, ...] = ()) -> tuple[_Located, list[Path]]:

@@ -119,11 +119,15 @@ class Recipe:
         file, line, col = self.locations.get(tuple(path), (str(self.path), 0, 0))
         return f"{file}:{line}:{col}" if line else file
 
-    def report_paths(self, job: ModelJob) -> tuple[Path, Path]:
-        """Where the JSON and Markdown reports of `job` go: report.path (a template) or beside the output."""
+    def report_paths(self, job: ModelJob) -> tuple[Path, Path, Path]:
+        """Where the JSON, Markdown and PNG reports of `job` go: report.path (a template) or beside the output."""
         if self.report.path:
             base = self.path.parent / self.report.path.format(stem=job.input.stem, name=job.input.name, recipe=self.path.stem)
         else:
             out = Path(job.output)
             base = out.with_name(out.name[: -len(".mlmodel")] if out.name.endswith(".mlmodel") else out.name)
-        return Path(f"{base}.report.json"), Path(f"{base}.report.md")
+        return Path(f"{base}.report.json"), Path(f"{base}.report.md"), Path(f"{base}.report.png")
+
+    def written_reports(self, job: ModelJob) -> list[Path]:
+        """The report files of `job` in the formats this recipe asks for."""
+        return [p for p, fmt in zip(self.report_paths(job), ("json", "markdown", "png")) if fmt in self.report.formats]

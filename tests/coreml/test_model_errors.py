@@ -77,10 +77,11 @@ def test_non_neural_network_model_refused():
         quantize_weights(m, 8)
 
 
-def test_already_quantized_needs_dequantize_first():
+def test_already_quantized_weights_are_left_with_a_warning():
     q = quantize_weights(small_model(), 8)
-    with pytest.raises(ModelError, match=r"already quantized \(linear8\); dequantize it first"):
-        quantize_weights(q, 4)
+    with pytest.warns(UserWarning, match=r"4 weight\(s\) already quantized, left as they are: layer 'conv1'"):
+        again = quantize_weights(q, 4)
+    assert again.SerializeToString() == q.SerializeToString()  # nothing re-rounded
     again = quantize_weights(quantize_weights(q, 8, "dequantization"), 4)
     assert again.spec.neuralNetwork.layers[0].convolution.weights.quantization.numberOfBits == 4
 

@@ -477,20 +477,22 @@ def test_no_fold_when_a_nested_network_reads_the_intermediate_blob():
 # E5. already-quantized weights: coremltools skips them silently, mlqpipe refuses
 
 
-@pytest.mark.parametrize("nbits, mode", [(4, "linear"), (16, "linear"), (4, "linear_lut")])
-def test_already_quantized_weights_are_refused(nbits, mode):
-    """Not a coremltools bug but a deliberate difference (see NOTES): coremltools returns quantized blobs
-    unchanged (a silent no-op, also in a model where only some layers were quantized); mlqpipe raises a
-    ModelError telling the user to dequantize first."""
+@pytest.mark.parametrize("nbits, mode", [(4, "linear"), (16, "linear"), (4, "linear_lut"), (8, "linear")])
+def test_partly_quantized_model_as_coremltools(nbits, mode):
+    """A model where only some layers were quantized: coremltools quantizes the float weights and returns
+    quantized blobs unchanged; quantize_weights does the same (same bytes), and says which it left alone."""
     data = O.zoo_bytes("dense")
     partly = O.ct_quantize(data, 8, "linear", selector=ctq.MatrixMultiplyLayerSelector(minimum_weight_count=600))
     partly_bytes = partly.SerializeToString()
+    assert any(O.storage_fields(wp) == ["rawValue"] for wp in O.all_weight_params(partly))
+    assert any(O.storage_fields(wp) == ["floatValue"] for wp in O.all_weight_params(partly))
     theirs = O.ct_quantize(partly_bytes, nbits, mode)
     for before, after in zip(O.all_weight_params(partly), O.all_weight_params(theirs)):
         if O.storage_fields(before) == ["rawValue"]:
             assert O.canon(before) == O.canon(after)
-    with pytest.raises(mlqpipe.ModelError, match="already quantized"):
-        mlqpipe.quantize_weights(partly_bytes, nbits, mode)
+    with pytest.warns(UserWarning, match=r"weight\(s\) already quantized, left as they are: layer "):
+        ours = mlqpipe.quantize_weights(partly_bytes, nbits, mode)
+    assert ours.SerializeToString() == theirs.SerializeToString(deterministic=True)
     # the advised route (dequantize, then quantize) is tested in test_oracle_dequantize.py
 
 
