@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from .coreml.check import input_findings
 from .coreml.model import CoreMLModel, load_model, neural_networks
 from .coreml.version import raise_versions
 from .errors import ModelError
@@ -50,6 +51,7 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
         mode = "fp16"
     check_settings(mode, nbits)
     model = load_model(full_precision_model)
+    model.inherited_findings = input_findings(model.spec, model.source)  # already invalid: warn, keep going
     selector = kwargs.get("selector") or QuantizedLayerSelector()
     settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE, True)
     if not any(True for _ in neural_networks(model.spec)):

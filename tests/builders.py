@@ -69,7 +69,7 @@ def small_model(dtype="<f4") -> "proto.Model":
     add_conv(nn, "conv1", "x", "c1", oc=8, kc=4, seed=1, dtype=dtype)
     add_activation(nn, "relu1", "c1", "r1")
     add_inner_product(nn, "dense", "r1", "y", ic=32, oc=10, seed=2, dtype=dtype)
-    return m
+    return describe(m, [("x", [4, 4, 4])], [("y", [10])])
 
 
 def deconvolution_model():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
+COREML_VALIDATE = REPO.parent / "shared" / "tools" / "coreml-validate"
 
 
 def real_model_paths():
@@ -55,3 +61,137 @@ def inputs_are_never_modified():
 
 
 _HASHES: dict = {}
+
+
+# Core ML's own validator as an oracle on every model a test writes ------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "invalid_models(*globs, reason): models this test writes on purpose that Core ML rejects (globs on "
+        "paths relative to the temporary directories the test made); every other model it writes must pass "
+        "coreml-validate",
+    )
+
+
+@functools.cache
+def _validator() -> str | None:
+    """The validator when it can run on this machine, else None. Its `--help` prints the usage line and
+    exits 0 (the tools README says 2: that is its exit without arguments); a binary built for another
+    machine fails to start or exits 126/127 with a loader error, never with the usage line."""
+    if not os.access(COREML_VALIDATE, os.X_OK):
+        return None
+    try:
+        done = subprocess.run([str(COREML_VALIDATE), "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    usage = (done.stdout + done.stderr).startswith("usage: coreml-validate")
+    return str(COREML_VALIDATE) if done.returncode in (0, 2) and usage else None
+
+
+def validate_models(paths) -> dict[Path, str | None]:
+    """coreml-validate on all `paths` in one call: path -> None when Core ML accepts it, else its message."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return {}
+    out = subprocess.run([_validator(), *map(str, paths)], capture_output=True, text=True, timeout=600).stdout
+    if len(paths) == 1:  # a lone model's verdict has no "PATH: " prefix
+        return {paths[0]: _verdict(out)}
+    # one verdict per argument, in argument order: "PATH: OK" or "PATH: <message>" (a message may wrap)
+    starts = []
+    pos = 0
+    for p in paths:
+        at = out.find(f"{p}: ", pos)
+        starts.append(at)
+        pos = at + 1 if at >= 0 else pos
+    verdicts = {}
+    for i, p in enumerate(paths):
+        if starts[i] < 0:
+            verdicts[p] = f"no verdict from coreml-validate (its output: {out.strip()[:300]!r})"
+            continue
+        end = next((s for s in starts[i + 1 :] if s >= 0), len(out))
+        verdicts[p] = _verdict(out[starts[i] + len(f"{p}: ") : end])
+    return verdicts
+
+
+def _verdict(text: str) -> str | None:
+    """None for "OK" and "OK (warning ...)" (Core ML loads the model), else the validator's message."""
+    text = text.strip()
+    return None if text == "OK" or text.startswith("OK (warning") else text
+
+
+@pytest.fixture
+def coreml_validate():
+    """`validate_models`, or skip the test when Core ML's validator cannot run here."""
+    if _validator() is None:
+        pytest.skip("coreml-validate is absent or cannot run on this machine")
+    return validate_models
+
+
+def _written_models(root: Path) -> list[Path]:
+    """*.mlmodel files and *.mlpackage directories under `root`; symlinks are neither followed nor checked
+    (some tests make loops)."""
+    found = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for d in list(dirs):
+            if d.endswith(".mlpackage"):
+                dirs.remove(d)
+                if not os.path.islink(os.path.join(top, d)):
+                    found.append(Path(top, d))
+        found += [Path(top, f) for f in files if f.endswith(".mlmodel") and not os.path.islink(os.path.join(top, f))]
+    return sorted(found)
+
+
+_CHECKED_TMP: set[str] = set()  # entries of the session's base temp directory already checked
+_ORACLE = {"models": 0, "seconds": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def core_ml_accepts_written_models(request, tmp_path_factory):
+    """After each test, every model written under the temporary directories made since the previous test
+    ended (its tmp_path, tmp_path_factory directories, module-scoped fixtures set up for it) must pass Core
+    ML's own validator, except files the test names with @pytest.mark.invalid_models."""
+    yield
+    if _validator() is None:
+        return
+    started = time.perf_counter()
+    try:
+        _judge_written_models(request, tmp_path_factory.getbasetemp())
+    finally:
+        _ORACLE["seconds"] += time.perf_counter() - started
+
+
+def _judge_written_models(request, base: Path) -> None:
+    names = [name for name in sorted(os.listdir(base)) if name not in _CHECKED_TMP]
+    _CHECKED_TMP.update(names)
+    new = [base / name for name in names if not (base / name).is_symlink()]  # pytest's "...current" links
+    models = {m: d for d in new for m in _written_models(d)}
+    _ORACLE["models"] += len(models)
+    marks = list(request.node.iter_markers("invalid_models"))
+    problems = [f"@pytest.mark.invalid_models{m.args} needs reason=... (why Core ML must reject them)" for m in marks if not m.kwargs.get("reason")]
+    globs = [g for m in marks for g in m.args]
+    rejected = {m: msg for m, msg in validate_models(models).items() if msg is not None}
+    meant = {g: [m for m in rejected if fnmatch.fnmatchcase(m.relative_to(models[m]).as_posix(), g)] for g in globs}
+    expected = {m for ms in meant.values() for m in ms}
+    problems += [f"{m.relative_to(base)}: {msg}" for m, msg in rejected.items() if m not in expected]
+    problems += [f"invalid_models({g!r}) names no model Core ML rejected: narrow or remove it" for g, ms in meant.items() if not ms]
+    if problems:
+        pytest.fail(
+            "models this test wrote, judged by Core ML's validator (coreml-validate; name a model rejected on "
+            "purpose with @pytest.mark.invalid_models('glob', reason=...)):\n  " + "\n  ".join(problems),
+            pytrace=False,
+        )
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ORACLE["models"]:
+        terminalreporter.write_line(
+            f"coreml-validate: {_ORACLE['models']} written models judged in {_ORACLE['seconds']:.2f} s"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _not_in_ci(monkeypatch):
+    """`mlqpipe build` keeps going after a failure when $CI is set: tests decide that themselves."""
+    monkeypatch.delenv("CI", raising=False)

@@ -5,6 +5,12 @@ its own validator applies (read from its C++ source: valueType, hasValidQuantiza
 hasSufficientBytesInQuantizedWeightParam and the per-layer validators), plus a few of ours: no NaN/Inf,
 and specification versions high enough for the OS they declare (warnings: the validator does not check). Every model
 mlqpipe writes goes through `raise_on_errors` first; `mlqpipe check` runs `check_spec` on any model.
+
+Beside the weights, the structure rules that quantizing could break or that users' models break
+(`structure_findings`: Model::validateGeneric's version check, the recurrent layers' input/output counts,
+validateNeuralNetwork's and the pipeline validator's "no blob read before it is written"). They read no
+weight data, so checking an input with them is cheap: an input that already breaks one is quantized as it
+is, with a warning, and its copy of the problem is not held against the output (`inherited`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import CheckError
+from .description import read_description
 from .inventory import WeightRecord, iter_layers, layer_records
 from .layers import layer_type
-from .model import PIPELINE_TYPES, neural_networks, pipeline_of
+from .model import NN_TYPES, PIPELINE_TYPES, neural_networks, pipeline_of
 from .version import FP16_SPEC_VERSION, QUANTIZED_SPEC_VERSION
 from .weights import set_fields
 
@@ -26,6 +33,18 @@ _DYNAMIC_INT8_TYPES = ("innerProduct", "batchedMatmul")
 _SAME_PRECISION_TYPES = {"batchnorm", "simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM"}
 # Layer types whose weights Core ML's validator only accepts as floats.
 _FLOAT_ONLY = {"convolution3d": "float32 or float16", "layerNormalization": "float32"}
+# MLMODEL_SPECIFICATION_VERSION_NEWEST of Core ML's validator in coremltools 9.0 (iOS 26 / macOS 26; the
+# same as coremltools' _SPECIFICATION_VERSION_IOS_26): newer versions are refused as "intended for a newer
+# version of Xcode", and 0 as "missing or corrupt".
+NEWEST_SPEC_VERSION = 10
+# Recurrent layers take their state as extra inputs and return it as extra outputs. Core ML's validator
+# (validateInputCount / validateOutputCount in each validate...Layer): (min, max) inputs, exact outputs.
+_RECURRENT_IO = {
+    "simpleRecurrent": ((2, 2), 2),
+    "gru": ((1, 2), 2),
+    "uniDirectionalLSTM": ((1, 3), 3),
+    "biDirectionalLSTM": ((1, 5), 5),
+}
 
 
 @dataclass(frozen=True)
@@ -66,17 +85,149 @@ def check_spec(spec) -> list[Finding]:
                 )
             )
     findings += _check_pipeline_versions(spec, "")
-    return findings
+    return findings + structure_findings(spec)
 
 
-def raise_on_errors(spec, where: str = "") -> None:
-    """Raise CheckError listing every error-level finding; warnings pass."""
-    errors = [f for f in check_spec(spec) if f.severity == "error"]
+def raise_on_errors(spec, where: str = "", inherited=()) -> None:
+    """Raise CheckError listing every error-level finding; warnings pass, and so do the `inherited` findings
+    (those the input already had: the user's model is theirs, we only refuse what quantizing introduced)."""
+    known = set(inherited)
+    errors = [f for f in check_spec(spec) if f.severity == "error" and f not in known]
     if errors:
         lines = "\n".join(f"  {f}" for f in errors)
         raise CheckError(
             f"{where}: refusing to write a model Core ML would reject ({len(errors)} problem(s)):\n{lines}", errors
         )
+
+
+def introduced_findings(before, after) -> list[Finding]:
+    """The findings of spec `after` that spec `before` did not have: what a transformation broke (tests of
+    generated models that Core ML would reject anyway, e.g. without declared inputs, assert this is empty)."""
+    known = set(check_spec(before))
+    return [f for f in check_spec(after) if f not in known]
+
+
+def input_findings(spec, source: str, warn=None) -> tuple[Finding, ...]:
+    """The structure rules an input about to be quantized already breaks, each reported by one
+    `warn(message)` (Python's warnings.warn by default). Store them as the result's `inherited_findings`:
+    saving then refuses only problems introduced since — the user's model is theirs, quantized as it is."""
+    findings = tuple(structure_findings(spec))
+    for f in findings:
+        message = f"{source}: the input already breaks a Core ML rule; quantizing it as it is: {f}"
+        if warn is None:
+            import warnings
+
+            warnings.warn(message, stacklevel=3)
+        else:
+            warn(message)
+    return findings
+
+
+def structure_findings(spec) -> list[Finding]:
+    """The rules that are not about weights: spec versions Core ML knows, recurrent layers' state inputs and
+    outputs, and every blob read after it is written (pipelines and nested networks included)."""
+    return _check_versions_known(spec, "") + _check_graph(spec, "")
+
+
+def _check_versions_known(spec, path: str) -> list[Finding]:
+    """Core ML validates every model of a pipeline on its own, version included."""
+    v = spec.specificationVersion
+    findings = []
+    if not 1 <= v <= NEWEST_SPEC_VERSION:
+        why = "is missing (0)" if v == 0 else f"is {v}, newer than any Core ML release knows"
+        findings.append(Finding("error", "spec-version-unknown", path.rstrip("/") or "model",
+                                f"specificationVersion {why}; Core ML loads 1..{NEWEST_SPEC_VERSION}"))
+    if spec.WhichOneof("Type") in PIPELINE_TYPES:
+        for i, sub in enumerate(pipeline_of(spec).models):
+            findings += _check_versions_known(sub, f"{path}models[{i}]/")
+    return findings
+
+
+def _names(features) -> set[str]:
+    return {f.name for f in features}
+
+
+def _check_graph(spec, path: str) -> list[Finding]:
+    """A network reads its model's declared inputs; a pipeline's model reads the pipeline's inputs and the
+    outputs of the models before it (Core ML's pipeline validator, by name)."""
+    kind = spec.WhichOneof("Type")
+    if kind in NN_TYPES:
+        return _check_network(getattr(spec, kind), _names(read_description(spec).input), path, "")
+    if kind not in PIPELINE_TYPES:
+        return []
+    findings = []
+    available = _names(read_description(spec).input)
+    for i, sub in enumerate(pipeline_of(spec).models):
+        sub_path = f"{path}models[{i}]/"
+        desc = read_description(sub)
+        for name in sorted(_names(desc.input) - available):
+            findings.append(Finding("error", "undefined-input", sub_path.rstrip("/"),
+                                    f"model input '{name}' is neither an input of the pipeline nor an output of a model before it"))
+        available |= _names(desc.output)
+        findings += _check_graph(sub, sub_path)
+    return findings
+
+
+def _check_network(network, scope: set[str], model_path: str, net_path: str) -> list[Finding]:
+    """Walk the layers in order, as Core ML's validator does; `scope` (the blobs written so far) grows."""
+    findings = []
+    for layer in network.layers:
+        kind = layer_type(layer)
+        where = f"{model_path}{net_path}{layer.name}"
+        if kind in _RECURRENT_IO:
+            findings += _recurrent_io(layer, kind, where)
+        if kind == "branch":  # Core ML checks a branch's condition before its branches
+            findings += _undefined(layer, scope, where, net_path)
+        if kind in _NESTED_SCOPES:
+            findings += _NESTED_SCOPES[kind](getattr(layer, kind), scope, model_path, f"{net_path}{layer.name}.")
+        if kind != "branch":  # ... and every other layer's inputs after its nested networks
+            findings += _undefined(layer, scope, where, net_path)
+        scope.update(layer.output)
+    return findings
+
+
+def _undefined(layer, scope: set[str], where: str, net_path: str) -> list[Finding]:
+    layers = "no earlier layer of this or an enclosing network" if net_path else "no earlier layer"
+    return [
+        Finding("error", "undefined-input", where, f"reads '{name}', which is not a model input and {layers} writes")
+        for name in dict.fromkeys(layer.input) if name not in scope
+    ]
+
+
+def _recurrent_io(layer, kind: str, where: str) -> list[Finding]:
+    (low, high), outs = _RECURRENT_IO[kind]
+    if low <= len(layer.input) <= high and len(layer.output) == outs:
+        return []
+    ins = str(low) if low == high else f"{low} to {high}"
+    return [Finding("error", "recurrent-io", where,
+                    f"{kind} has {len(layer.input)} input(s) and {len(layer.output)} output(s); Core ML needs {ins} "
+                    f"inputs and exactly {outs} outputs (the sequence, then the recurrent state)")]
+
+
+def _branch_scopes(p, scope, model_path, prefix) -> list[Finding]:
+    """Both branches see the enclosing blobs; afterwards only blobs written by both are defined."""
+    then_scope, else_scope = set(scope), set(scope)
+    findings = _check_network(p.ifBranch, then_scope, model_path, f"{prefix}ifBranch/")
+    if p.elseBranch.layers:
+        findings += _check_network(p.elseBranch, else_scope, model_path, f"{prefix}elseBranch/")
+        scope |= then_scope & else_scope
+    return findings
+
+
+def _loop_scopes(p, scope, model_path, prefix) -> list[Finding]:
+    """The condition network's blobs join the enclosing scope; the body's only when there is no condition
+    network (with one, only those the condition network also writes, which are already in)."""
+    findings = []
+    if p.conditionNetwork.layers:
+        findings += _check_network(p.conditionNetwork, scope, model_path, f"{prefix}conditionNetwork/")
+    body_scope = set(scope)
+    findings += _check_network(p.bodyNetwork, body_scope, model_path, f"{prefix}bodyNetwork/")
+    if not p.conditionNetwork.layers:
+        scope |= body_scope
+    return findings
+
+
+_NESTED_SCOPES = {"branch": _branch_scopes, "loop": _loop_scopes}
 
 
 def _check_pipeline_versions(spec, path: str) -> list[Finding]:

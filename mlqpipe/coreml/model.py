@@ -27,6 +27,10 @@ _MAX_PROTO = 2**31 - 1
 class CoreMLModel:
     """A Core ML model spec (our message classes) plus where it came from."""
 
+    # structure findings its input already had when it was loaded for quantizing (check.input_findings):
+    # warned about then, not refused by `save`
+    inherited_findings: tuple = ()
+
     def __init__(self, spec, source: str = "<model>"):
         self.spec = spec
         self.source = source
@@ -38,7 +42,9 @@ class CoreMLModel:
         return self.spec
 
     def copy(self) -> "CoreMLModel":
-        return CoreMLModel(proto.Model.FromString(self.spec.SerializeToString()), self.source)
+        twin = CoreMLModel(proto.Model.FromString(self.spec.SerializeToString()), self.source)
+        twin.inherited_findings = self.inherited_findings
+        return twin
 
     def save(self, path: str | os.PathLike, *, check: bool = True, overwrite: bool = False) -> None:
         """Check the model against Core ML's loading rules, then write it atomically. The file the model
@@ -49,7 +55,7 @@ class CoreMLModel:
         if check:
             from .check import raise_on_errors
 
-            raise_on_errors(self.spec, where=os.fspath(path))
+            raise_on_errors(self.spec, where=os.fspath(path), inherited=self.inherited_findings)
         try:
             atomic_write(path, self.SerializeToString())
         except OSError as e:

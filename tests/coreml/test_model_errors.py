@@ -11,6 +11,7 @@ def test_missing_file(tmp_path):
         load_model(tmp_path / "nope.mlmodel")
 
 
+@pytest.mark.invalid_models("empty.mlmodel", reason="an empty file: the input refused")
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.mlmodel"
     p.write_bytes(b"")
@@ -18,6 +19,7 @@ def test_empty_file(tmp_path):
         load_model(p)
 
 
+@pytest.mark.invalid_models("lfs.mlmodel", reason="a Git LFS pointer, not a model: the input refused")
 def test_git_lfs_pointer(tmp_path):
     p = tmp_path / "lfs.mlmodel"
     p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12345\n")
@@ -25,6 +27,7 @@ def test_git_lfs_pointer(tmp_path):
         load_model(p)
 
 
+@pytest.mark.invalid_models("bad.mlmodel", reason="bytes that are no protobuf: the input refused")
 def test_corrupt_bytes(tmp_path):
     p = tmp_path / "bad.mlmodel"
     p.write_bytes(b"\xff\xff\xff\xff garbage")
@@ -32,6 +35,7 @@ def test_corrupt_bytes(tmp_path):
         load_model(p)
 
 
+@pytest.mark.invalid_models("text.mlmodel", reason="a protobuf with no model type: the input refused")
 def test_not_a_model_at_all(tmp_path):
     p = tmp_path / "text.mlmodel"
     p.write_bytes(b"\x08\x04")  # a valid protobuf: specificationVersion=4 and nothing else
@@ -46,6 +50,7 @@ def test_mlprogram_refused():
         load_model(m.SerializeToString())
 
 
+@pytest.mark.invalid_models("m.mlpackage", reason="an empty .mlpackage directory (no manifest): the input refused")
 def test_mlpackage_directory_refused(tmp_path):
     d = tmp_path / "m.mlpackage"
     d.mkdir()

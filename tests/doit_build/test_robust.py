@@ -17,11 +17,19 @@ from build_timing import RECIPE, make_model  # noqa: E402
 N = 24
 
 
+def _model(i: int) -> bytes:
+    """bench's model with its input and output declared: Core ML needs them (the oracle judges the outputs)."""
+    from mlqpipe.coreml import proto
+    from tests.builders import describe
+
+    return describe(proto.Model.FromString(make_model(i)), [("x", [64])], [("h2", [10])]).SerializeToString()
+
+
 def _project(root: Path) -> Path:
     (root / "models").mkdir(parents=True)
     (root / "recipes").mkdir()
     for i in range(N):
-        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(make_model(i))
+        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(_model(i))
         (root / "recipes" / f"r{i:02d}.yaml").write_text(RECIPE.format(i=i, nbits=4))
     return root
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import mlqpipe
 from mlqpipe import ModelError
 from mlqpipe.coreml import proto
-from mlqpipe.coreml.check import check_spec
+from mlqpipe.coreml.check import check_spec, introduced_findings
 from tests.builders import add_conv, add_inner_product, model, network, small_model
 from tests.conftest import REPO
 
@@ -106,7 +106,7 @@ def test_zero_size_layers():
     add_conv(network(m), "noout", "y", "z", oc=0, kc=2, seed=2)
     for nbits, mode in [(8, "linear"), (4, "kmeans_lut"), (16, "linear")]:
         q = mlqpipe.quantize_weights(m.SerializeToString(), nbits, mode)
-        assert [f for f in check_spec(q.spec) if f.severity == "error"] == []
+        assert [f for f in introduced_findings(m, q.spec) if f.severity == "error"] == []
 
 
 @pytest.mark.parametrize("nbits, mode", [(8, "linear"), (2, "linear"), (8, "linear_symmetric"), (4, "linear_lut"), (4, "kmeans_lut")])
