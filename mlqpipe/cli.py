@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list what would be rebuilt and what is stale; build nothing")
     s.add_argument("--force", action="store_true", help="re-run every task (the cache still serves stage results)")
     s.add_argument("--prune", action="store_true", help="remove outputs that no recipe produces any more")
+    going = s.add_mutually_exclusive_group()
+    going.add_argument("--keep-going", action="store_true", default=None,
+                       help="after a failure, build every model that does not depend on it, so one run reports every "
+                            "failing model (the default when $CI is set)")
+    going.add_argument("--no-keep-going", dest="keep_going", action="store_false", help="stop at the first failure")
     _build_options(s)
     s.set_defaults(run=_build)
 
@@ -158,8 +163,11 @@ def _options(args):
 def _build(args) -> int:
     from .build.run import build
 
+    import os
+
+    keep_going = args.keep_going if args.keep_going is not None else os.environ.get("CI", "") not in ("", "0", "false")
     return build(args.recipes, jobs=args.jobs, dry_run=args.dry_run, force=args.force, prune=args.prune,
-                 options=_options(args), verbose=args.verbose)
+                 options=_options(args), verbose=args.verbose, keep_going=keep_going)
 
 
 def _cache(args) -> int:
@@ -215,10 +223,13 @@ def _report(args) -> int:
 
 def _verify(args) -> int:
     from .build.lock import verify
+    from .build.tasks import KERNEL_VERSION
 
-    problems = verify(args.lock)
+    problems, warnings = verify(args.lock, kernel=KERNEL_VERSION)
     for p in problems:
         print(f"mlqpipe: verify: {p}", file=sys.stderr)
+    for w in warnings:
+        print(f"mlqpipe: verify: warning: {w}", file=sys.stderr)
     print(f"{args.lock}: {'verified' if not problems else f'{len(problems)} problem(s)'}")
     return EXIT_FINDINGS if problems else EXIT_OK
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from .errors import RecipeError
@@ -11,7 +10,7 @@ from .fileio import shown_path as _rel
 from .plan import ModelPlan, plan_recipe
 from .recipe import check_recipe_collisions, load_recipe
 from .recipe.problems import Problem, raise_problems
-from .show import table
+from .tables import table
 
 
 
@@ -107,12 +106,29 @@ def _what(d) -> str:
 
 
 def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: bool = False) -> int:
-    from .execute import quantize_recipe
+    """Every model of every recipe, going on after a failure; then one table of all outputs. Exit 1 when a
+    gate failed, 2 when a model could not be built (bad input), else 0."""
+    from .errors import MlqpipeError
+    from .execute import quantize_job
+    from .quality import GateFailure
+    from .tables import outputs_table
 
     recipes, _, problems = load_all(paths, allow_outside_root=allow_outside_root)
     raise_problems(problems)
+    rows, status = [], 0
     for r in recipes:
-        for job, stage_plans in quantize_recipe(r, allow_custom=allow_custom):
-            before, after = os.path.getsize(job.input), os.path.getsize(job.output)
-            print(f"{_rel(job.input)} -> {_rel(job.output)}: {_fmt_bytes(before)} -> {_fmt_bytes(after)} ({before / after:.2f}x)")
-    return 0
+        for job in r.models:
+            try:
+                _, report = quantize_job(job, r, allow_custom=allow_custom)
+                rows.append({"output": _rel(job.output), "build": "built", "status": report["status"], "report": report})
+            except GateFailure as e:
+                print(f"mlqpipe: {e}", file=sys.stderr)
+                rows.append({"output": _rel(job.output), "build": "built", "status": "FAILED", "report": e.report})
+                status = max(status, 1)
+            except MlqpipeError as e:
+                print(f"mlqpipe: error: {e}", file=sys.stderr)
+                rows.append({"output": _rel(job.output), "build": "failed", "status": "FAILED", "report": None})
+                status = 2
+    sys.stderr.flush()
+    print(outputs_table(rows))
+    return status

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .coreml.fold import fold_model
 from .coreml.inventory import inventory
 from .coreml.model import CoreMLModel, load_model
 from .coreml.version import raise_versions
-from .errors import RecipeError
+from .errors import MlqpipeError, RecipeError
 from .modes import ModeSettings, apply_mode
 from .plan import StagePlan, decide_stage, matchers_for
 from .quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
@@ -58,28 +60,55 @@ def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True,
     return model, plans
 
 
-def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan]) -> dict:
+def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan], warn=None) -> dict:
     """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
-    output, checked against Core ML's rules and written atomically."""
+    output, checked against Core ML's rules and written atomically. Rules the input (specs[0]) already
+    breaks are reported by `warn(message)` (default: a warning line on stderr) and not held against the output."""
+    from .coreml.check import input_findings
+    from .plan import setting_problems
     from .quality import GateFailure, assess
     from .report import write_report
 
+    raise_problems(setting_problems(job, recipe, specs[0]))  # builds skip `validate`'s model checks: never a traceback here
+
+    model.inherited_findings = input_findings(specs[0], str(job.input), warn=warn or _warn)
     try:
         report = assess(job, recipe, specs, [p.decisions for p in plans])
     except GateFailure as e:
         write_report(e.report, job, recipe, recipe.report.formats, specs)
+        remove_output(job)
         raise
     model.save(job.output)
     write_report(report, job, recipe, recipe.report.formats, specs)
     return report
 
 
-def quantize_recipe(recipe: Recipe, *, allow_custom: bool | tuple = True) -> list[tuple[ModelJob, list[StagePlan]]]:
-    """Build every model of a recipe: stages, assessment, checked atomic writes."""
-    done = []
-    for job in recipe.models:
-        specs: list = []
+def _warn(message: str) -> None:
+    """A warning on the command line, as mlqpipe prints its errors."""
+    import sys
+
+    print(f"mlqpipe: warning: {message}", file=sys.stderr)
+
+
+def remove_output(job: ModelJob) -> None:
+    """A model whose build or gates failed leaves nothing shippable at its output path: an older output
+    there would be copied into an app as if it were this build's (its report, marked failed, stays)."""
+    Path(job.output).unlink(missing_ok=True)
+
+
+def quantize_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True) -> tuple[list[StagePlan], dict]:
+    """Build one model: stages, assessment, checked atomic write; on any failure nothing is left at its
+    output path. Returns the stage plans and the report."""
+    specs: list = []
+    try:
         model, plans = run_job(job, recipe, allow_custom=allow_custom, snapshots=specs)
-        finish_job(job, recipe, model, specs, plans)
-        done.append((job, plans))
-    return done
+        report = finish_job(job, recipe, model, specs, plans)
+    except MlqpipeError:
+        remove_output(job)
+        raise
+    return plans, report
+
+
+def quantize_recipe(recipe: Recipe, *, allow_custom: bool | tuple = True) -> list[tuple[ModelJob, list[StagePlan]]]:
+    """Build every model of a recipe, stopping at the first failure (`mlqpipe quantize` goes on instead)."""
+    return [(job, quantize_job(job, recipe, allow_custom=allow_custom)[0]) for job in recipe.models]

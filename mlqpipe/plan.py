@@ -18,7 +18,7 @@ from .errors import ModelError
 from .fileio import shown_path as _shown
 from .recipe.problems import Problem, dotted
 from .recipe.types import ModelJob, Recipe, Stage
-from .select import RuleMatcher, decide
+from .select import NAME_LISTS, RuleMatcher, decide, entries_matching
 
 
 
@@ -57,6 +57,7 @@ class ModelPlan:
     bytes_before: int = 0
     bytes_after: int = 0
     matched_rules: set = field(default_factory=set)
+    matched_entries: set = field(default_factory=set)  # (rule, condition, index) of name-list entries that match
     loaded: bool = True
 
 
@@ -159,6 +160,24 @@ def _problem(recipe: Recipe, path, message, hint="") -> Problem:
     return Problem(file, line, col, dotted(path), message, hint)
 
 
+def setting_problems(job: ModelJob, recipe: Recipe, spec) -> list[Problem]:
+    """Evaluation and gate settings that do not fit this model or its data (the .npz headers are read)."""
+    from .evaluate.settings import evaluation_problems
+
+    return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {message}", hint)
+            for at, message, hint in evaluation_problems(spec, job.evaluation, job.gates)]
+
+
+def _setting_problem(recipe: Recipe, job: ModelJob, at: tuple, message: str, hint: str) -> Problem:
+    """A problem with a model's evaluation or gate setting, located where that setting is written: the model
+    entry, `defaults:`, or the recipe's top level."""
+    for n in range(len(at), 0, -1):  # the most specific key written anywhere
+        for base in (("models", job.entry), ("defaults",), ()):
+            if base + at[:n] in recipe.locations:
+                return _problem(recipe, base + at[:n], message, hint)
+    return _problem(recipe, ("models", job.entry), message, hint)
+
+
 def _precision_problems(records, after, stage, recipe, at) -> list[Problem]:
     """A stage must not leave a layer mixing float16 and float32 (unless the input already did)."""
     by_layer: dict = {}
@@ -187,6 +206,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
         plan.loaded = False
         return plan
     spec = model.spec
+    plan.problems += setting_problems(job, recipe, spec)
     overlay: dict = {}
     start = {r.id: r for r in inventory(spec)}
     plan.bytes_before = sum(estimate_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
@@ -203,6 +223,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
             matchers = matchers_for(stage, recipe, None)
             decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay, model_file=job.input)
             plan.matched_rules |= rules_matching_something(spec, matchers, overlay)
+            plan.matched_entries |= {(m.rule.name, *hit) for rec in inventory(spec) for m in matchers for hit in entries_matching(m.rule, rec)}
             sp.decisions = decisions
             plan.problems += problems
             overlay.update(after)
@@ -223,4 +244,20 @@ def plan_recipe(recipe: Recipe) -> tuple[list[ModelPlan], list[Problem]]:
                 problems.append(_problem(recipe, ("rules", rule.name),
                                          f"rule '{rule.name}' matches no weight in any of this recipe's {len(recipe.models)} model(s)",
                                          "fix its conditions (see `mlqpipe inspect MODEL` for names), or mark it optional: true"))
+            elif not rule.optional:
+                problems += _unmatched_entries(recipe, rule, set().union(*(mp.matched_entries for mp in plans)))
     return plans, problems
+
+
+def _unmatched_entries(recipe: Recipe, rule, matched: set) -> list[Problem]:
+    """A name or glob in a rule's list that matches no weight: a typo there silently changes precision."""
+    out = []
+    raw = (recipe.document.get("rules") or {}).get(rule.name) or {}
+    for attr in NAME_LISTS:
+        for i, pattern in enumerate(getattr(rule, attr)):
+            if (rule.name, attr, i) not in matched:
+                at = ("rules", rule.name, attr) + ((i,) if isinstance(raw.get(attr), list) else ())
+                out.append(_problem(recipe, at, f"{attr} '{pattern}' of rule '{rule.name}' matches no weight in any of this "
+                                                f"recipe's {len(recipe.models)} model(s)",
+                                    "fix the name (see `mlqpipe inspect MODEL`), or mark the rule optional: true"))
+    return out

@@ -13,7 +13,8 @@ import numpy as np
 from .errors import MlqpipeError
 from .report import build_report, set_gates
 
-EVALUATION_GATES = ("min_top1_agreement", "max_output_error", "min_accuracy")
+EVALUATION_GATES = ("min_top1_agreement", "max_output_error", "max_accuracy_drop", "min_accuracy")
+_EPS = 1e-9  # accuracies are fractions k/n: compare differences of them with a little slack for rounding
 
 
 class GateFailure(MlqpipeError):
@@ -33,8 +34,25 @@ def _load_data(evaluation):
     return data, labels
 
 
-def _gate(name, threshold, value, passed, detail="") -> dict:
-    return {"gate": name, "threshold": threshold, "value": value, "passed": bool(passed), "detail": detail}
+def _gate(name, threshold, value, passed, detail="", applied=True) -> dict:
+    """One gate's verdict. `applied` False: it could not be measured (model not evaluated); it then passes
+    only where the recipe allows that, and is shown as "not applied", never left out."""
+    return {"gate": name, "threshold": threshold, "value": value, "passed": bool(passed), "applied": applied, "detail": detail}
+
+
+def _accuracy_drop(evaluation):
+    f, q = evaluation.accuracy_float, evaluation.accuracy_quantized
+    return None if f is None or q is None else f - q
+
+
+# evaluation gates: name -> (measure(evaluation), passes(value, threshold), what the value is)
+_EVALUATION_GATES = {
+    "min_top1_agreement": (lambda e: e.top1_agreement, lambda v, t: v >= t, "top-1 agreement with the float model"),
+    "max_output_error": (lambda e: max((o["relative_l2"] for o in e.outputs.values()), default=None), lambda v, t: v <= t,
+                         "largest relative L2 error of an output against the float model"),
+    "max_accuracy_drop": (_accuracy_drop, lambda v, t: v <= t + _EPS, "accuracy lost against the float model"),
+    "min_accuracy": (lambda e: e.accuracy_quantized, lambda v, t: v >= t - _EPS, "accuracy of the quantized model"),
+}
 
 
 def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_unevaluated: bool, sizes: tuple[int, int]) -> list[dict]:
@@ -59,24 +77,20 @@ def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_uneva
         ratio = before / after if after else math.inf
         out.append(_gate("min_compression", gates.min_compression, ratio, ratio >= gates.min_compression, f"compression {ratio:.2f}x"))
     wanted = [g for g in EVALUATION_GATES if getattr(gates, g) is not None]
-    if wanted:
-        if evaluation is None or not evaluation.evaluated:
-            reason = evaluation.reason if evaluation is not None else "no evaluation configured"
-            out.append(_gate("evaluation", "evaluated", "not evaluated", allow_unevaluated,
-                             f"not evaluated ({reason}); set evaluation.allow_unevaluated: true to accept that"))
-        else:
-            if gates.min_top1_agreement is not None:
-                v = evaluation.top1_agreement
-                out.append(_gate("min_top1_agreement", gates.min_top1_agreement, v, v is not None and v >= gates.min_top1_agreement,
-                                 "top-1 agreement with the float model" if v is not None else "not a classifier"))
-            if gates.max_output_error is not None:
-                v = max((o["relative_l2"] for o in evaluation.outputs.values()), default=None)
-                out.append(_gate("max_output_error", gates.max_output_error, v, v is not None and v <= gates.max_output_error,
-                                 "largest relative L2 error of an output"))
-            if gates.min_accuracy is not None:
-                v = evaluation.accuracy_quantized
-                out.append(_gate("min_accuracy", gates.min_accuracy, v, v is not None and v >= gates.min_accuracy,
-                                 "accuracy of the quantized model" if v is not None else "no labels in the evaluation data"))
+    evaluated = evaluation is not None and evaluation.evaluated
+    reason = "" if evaluated else (evaluation.reason if evaluation is not None else "no evaluation configured")
+    for name in wanted:
+        threshold = getattr(gates, name)
+        measure, passes, what = _EVALUATION_GATES[name]
+        if not evaluated:
+            hint = "" if allow_unevaluated else "; set evaluation.allow_unevaluated: true to accept that"
+            out.append(_gate(name, threshold, "not evaluated", allow_unevaluated, f"not applied: not evaluated ({reason}){hint}", applied=False))
+            continue
+        v = measure(evaluation)
+        if v is None:  # `validate` refuses such settings; a model can still surprise (no labels in the data)
+            out.append(_gate(name, threshold, "not measured", False, f"{what} cannot be measured on this model or data", applied=False))
+            continue
+        out.append(_gate(name, threshold, v, passes(v, threshold), what))
     return out
 
 

@@ -9,7 +9,7 @@ totals {bytes_before, bytes_after, compression}, weights [{id, layer, type, fiel
 nbits, bytes_before, bytes_after, snr_db, max_abs_error, relative_l2_error, rule}], flags [{id, snr_db,
 hint}], evaluation {evaluated, reason, samples, random_inputs, top1_agreement, accuracy_float,
 accuracy_quantized, outputs {name: {relative_l2, max_abs}}} or null, gates [{gate, threshold, value,
-passed, detail}]}.
+passed, applied, detail}]} — `applied` false: the gate could not be measured (model not evaluated).
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def to_markdown(report: dict) -> str:
     if report["gates"]:
         lines += ["| gate | threshold | value | result |", "|---|---|---|---|"]
         for g in report["gates"]:
-            lines.append(f"| {g['gate']} | {g['threshold']} | {_fmt(g['value'], 4) if not isinstance(g['value'], str) else g['value']} | {'pass' if g['passed'] else 'FAIL: ' + g['detail']} |")
+            result = g["detail"] if not g.get("applied", True) and g["passed"] else ("pass" if g["passed"] else "FAIL: " + g["detail"])
+            lines.append(f"| {g['gate']} | {g['threshold']} | {_fmt(g['value'], 4) if not isinstance(g['value'], str) else g['value']} | {result} |")
         lines.append("")
     if report["flags"]:
         lines.append("Flagged weights:")

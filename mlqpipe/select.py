@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from math import prod
 
-from .coreml.inventory import WeightRecord
+from .coreml.inventory import WeightRecord, edge_layers
 from .coreml.layers import weight_slots
 from .ct_selectors import SELECTORS, select_like_coremltools
 from .recipe.types import Rule
@@ -53,10 +53,14 @@ class RuleMatcher:
         self.python_path = python_path
         self.allow_custom = allow_custom  # None: plan only, do not import
         self._ct_ids: set[str] | None = None
+        self._edges: dict = {}
         self._custom = None
 
     def prepare(self, spec) -> None:
-        """Compute what depends on the whole model (coremltools selector semantics) for this state."""
+        """Compute what depends on the whole model (coremltools selector semantics, first/last layers) for
+        this state."""
+        if self.rule.position:
+            self._edges = edge_layers(spec)
         if self.rule.python and self.allow_custom is not None and self._custom is None:
             from .recipe.custom import load_code
 
@@ -95,6 +99,8 @@ class RuleMatcher:
             return False
         if r.depthwise is not None and rec.depthwise != r.depthwise:
             return False
+        if r.position and (rec.network_path or not set(r.position) & self._edges.get((rec.model_path, rec.layer), set())):
+            return False
         if r.storage and _storage_class(rec) not in r.storage:
             return False
         if self._ct_ids is not None and rec.id not in self._ct_ids:
@@ -104,6 +110,22 @@ class RuleMatcher:
                 return PENDING
             return True if self._ct_ids is not None else bool(self._custom(rec))
         return True
+
+
+# name conditions whose every entry must match some weight: rule attribute -> the record's name it tests
+NAME_LISTS = {
+    "layer": lambda rec, p: fnmatchcase(rec.layer, p),
+    "layer_regex": lambda rec, p: re.fullmatch(p, rec.layer) is not None,
+    "layer_type": lambda rec, p: rec.layer_type == p,
+    "field": lambda rec, p: fnmatchcase(rec.field, p) or fnmatchcase(rec.slot_path, p),
+    "network": lambda rec, p: fnmatchcase(rec.model_path + rec.network_path, p),
+}
+
+
+def entries_matching(rule: Rule, rec: WeightRecord) -> set[tuple[str, int]]:
+    """(condition, index) of every entry of the rule's name lists that matches this weight's name: a list
+    entry no weight of any model matches is a typo that would silently change what a stage selects."""
+    return {(attr, i) for attr, test in NAME_LISTS.items() for i, p in enumerate(getattr(rule, attr)) if test(rec, p)}
 
 
 def _custom_rule(obj):

@@ -8,6 +8,7 @@ import sys
 from .coreml.inventory import WeightRecord, inventory
 from .coreml.model import load_model
 from .errors import ModelError
+from .tables import table
 
 
 def _shape(shape) -> str:
@@ -29,13 +30,6 @@ def inventory_rows(records: list[WeightRecord]) -> list[dict]:
         }
         for r in records
     ]
-
-
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A plain fixed-width table: columns are (key, heading)."""
-    cells = [[h for _, h in columns]] + [[str(row[k]) for k, _ in columns] for row in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
 
 def print_inventory(path: str, as_json: bool = False) -> int:
@@ -85,3 +79,4 @@ def print_check(paths: list[str], as_json: bool = False, verbose: int = 0) -> in
             print(f"{res['model']}: {f['severity']}: {f['where']}: {f['message']} [{f['rule']}]")
         print(f"{res['model']}: {'OK' if not errors else 'FAILED'} ({errors} errors, {warnings} warnings)")
     return status
+

@@ -8,9 +8,12 @@ In your dodo.py:
         yield from tasks_from_recipes("recipes/*.yaml")
 """
 
+from .console import BuildReporter
 from .tasks import BuildOptions, tasks_from_recipes
 
-# doit state in a tool-specific sqlite3 file (the default dbm backend is one-process-only and can corrupt)
-DOIT_CONFIG = {"dep_file": ".mlqpipe-doit.sqlite3", "backend": "sqlite3", "verbosity": 0}  # in the project root: doit opens it before any task code runs
+# doit state in a tool-specific sqlite3 file (the default dbm backend is one-process-only and can corrupt),
+# in the project root (doit opens it before any task code runs); mlqpipe's reporter: one located line per
+# failure instead of doit's tracebacks
+DOIT_CONFIG = {"dep_file": ".mlqpipe-doit.sqlite3", "backend": "sqlite3", "verbosity": 0, "reporter": BuildReporter}
 
 __all__ = ["tasks_from_recipes", "BuildOptions", "DOIT_CONFIG"]

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .console import BuildReporter
 from .tasks import BuildOptions, tasks_from_recipes
 
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
@@ -58,6 +59,7 @@ def _doit(argv: list[str], options: BuildOptions) -> int:
             "dep_file": str(Path(options.state_dir) / "doit.sqlite3"),
             "backend": "sqlite3",
             "verbosity": 0,
+            "reporter": BuildReporter,
             "outfile": sys.stdout,  # doit's default is the sys.stdout of its import time
         },
     }
@@ -65,17 +67,18 @@ def _doit(argv: list[str], options: BuildOptions) -> int:
 
 
 def _lock_outputs(options: BuildOptions) -> dict:
-    try:
-        return json.loads(Path(options.lock_file).read_text(encoding="utf-8"))["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    from .lock import outputs_or_empty
+
+    return outputs_or_empty(options.lock_file) if options.lock_file else {}
 
 
 MAX_LOG_BYTES = 1 << 20  # the task event log is started afresh past this
 
 
 def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False, prune: bool = False,
-          options: BuildOptions | None = None, verbose: int = 0) -> int:
+          options: BuildOptions | None = None, verbose: int = 0, keep_going: bool = False) -> int:
+    """Run the build; `keep_going` builds every model it can after a failure (doit's --continue), so one
+    run reports every failing model."""
     options = options or BuildOptions()
     _CURRENT["patterns"], _CURRENT["options"], _CURRENT["tasks"] = tuple(patterns), options, None
     _CURRENT["previous_lock"] = _lock_outputs(options)
@@ -99,6 +102,8 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
             multiprocessing.set_start_method(method, force=True)
     if force:
         argv += ["--always-execute"]
+    if keep_going:
+        argv += ["--continue"]
     status = _doit(argv, options)
     stale = _stale_outputs(options)
     if prune:
@@ -106,8 +111,12 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
             for file in [path, *reports]:
                 Path(file).unlink(missing_ok=True)
         _stale_file(options).unlink(missing_ok=True)
-    _summary(options, status, stale, pruned=prune)
-    return 0 if status == 0 else (1 if status == 1 else 2)
+    rows = _summary(options, status, stale, pruned=prune)
+    if status == 0:
+        return 0
+    # a failed output is a finding (1) — doit says "error" when --continue skips the lock task after it;
+    # anything else (invalid recipes, doit errors) is bad input (2)
+    return 1 if status == 1 or any(r["build"] == "failed" for r in rows) else 2
 
 
 def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
@@ -183,28 +192,65 @@ def _dry_run(options: BuildOptions) -> int:
     return 0 if status == 0 else 2
 
 
-def _summary(options: BuildOptions, status: int, stale: dict[str, list[str]], pruned: bool) -> None:
-    events = []
+def _events(options: BuildOptions) -> list[dict]:
+    """What this run's tasks logged (run.jsonl from this run's starting offset)."""
     log = Path(options.state_dir) / "run.jsonl"
-    if log.exists():
-        with open(log, "rb") as f:
-            f.seek(_CURRENT.get("log_offset", 0))
-            events = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
-    outputs = [e for e in events if e["event"] == "output"]
-    computed_models = {(e["recipe"], e["input"]) for e in events if e["event"] in ("stage", "output") and e["computed"]}
-    built = sum(1 for e in outputs if (e["recipe"], e["input"]) in computed_models)
-    cached = len(outputs) - built
-    total = len(_current_outputs(options))
-    before = sum(e["bytes_before"] for e in outputs)
-    after = sum(e["bytes_after"] for e in outputs)
-    size = f", {before} -> {after} bytes" if outputs else ""
-    failed = "" if status == 0 else ", build FAILED (see above)"
-    print(f"mlqpipe build: {built} built, {cached} from cache, {total - len(outputs)} up to date{size}{failed}")
+    if not log.exists():
+        return []
+    with open(log, "rb") as f:
+        f.seek(_CURRENT.get("log_offset", 0))
+        return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+
+
+def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
+    """Per output of this build: how it was built (built, from cache, up to date, failed, not run) and its
+    report, from what doit's reporter saw and what the tasks logged."""
+    from . import console
+    from ..tables import report_of
+
+    seen = console.LAST.status if console.LAST is not None else {}
+    computed = {(e["recipe"], e["input"]) for e in events if e["event"] in ("stage", "output") and e.get("computed")}
+    rows = []
+    for task in _tasks(options):
+        name = task.get("basename", "")
+        if not name.endswith("/output"):
+            continue
+        prefix = name[: -len("output")]
+        mine = [seen.get(n) for n in seen if n.startswith(prefix)]
+        recipe_path, input_path = task["actions"][0][1][:2]
+        if "failed" in mine:
+            build = "failed"
+        elif seen.get(name) == "ran":
+            build = "built" if (recipe_path, input_path) in computed else "from cache"
+        elif seen.get(name) == "up-to-date":
+            build = "up to date"
+        else:
+            build = "not run"
+        json_report = next((t for t in task["targets"] if t.endswith(".report.json")), None)
+        report = report_of(json_report) if json_report and build != "not run" else None
+        status = "FAILED" if build == "failed" else ("-" if build == "not run" else (report or {}).get("status", "passed"))
+        rows.append({"output": Path(os.path.relpath(task["targets"][0])).as_posix(), "build": build, "status": status, "report": report})
+    return rows
+
+
+def _summary(options: BuildOptions, status: int, stale: dict[str, list[str]], pruned: bool) -> list[dict]:
+    from ..tables import outputs_table
+
+    events = _events(options)
+    rows = outcomes(options, events)
+    if rows:
+        print(outputs_table(rows))
+    count = {k: sum(r["build"] == k for r in rows) for k in ("built", "from cache", "up to date", "failed", "not run")}
+    written = [e for e in events if e["event"] == "output"]
+    size = f", {sum(e['bytes_before'] for e in written)} -> {sum(e['bytes_after'] for e in written)} bytes" if written else ""
+    failed = "" if status == 0 else ", build FAILED"
+    print(f"mlqpipe build: {', '.join(f'{n} {k}' for k, n in count.items())}{size}{failed}")
     for e in events:
         if e["event"] == "cache-problem":
             print(f"  cache: {e['message']}", file=sys.stderr)
     for path in stale:
         print(f"  stale: {path} (no recipe produces it any more){' — removed' if pruned else '; --prune removes it'}")
+    return rows
 
 
 def referenced_keys(options: BuildOptions) -> set[str]:

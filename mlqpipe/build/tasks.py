@@ -23,6 +23,7 @@ from pathlib import Path
 from ..fileio import shown_path as _rel
 from ..recipe.problems import Problem
 from .cache import CACHE_FORMAT
+from .lock import LOCK_FORMAT
 
 KERNEL_VERSION = 1  # bump whenever any kernel's output bytes change: invalidates every cached stage
 DEFAULT_CACHE = ".mlqpipe-cache"
@@ -189,7 +190,8 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
             "basename": "mlqpipe-lock",
             "actions": [(write_lock, [[o for _, o in outputs], [Path(_rel(r.path)).as_posix() for r in recipes], options.as_args()])],
             "task_dep": [name for name, _ in outputs],
-            "file_dep": [o for _, o in outputs],
+            # recipes: a change to one model's settings refreshes the recorded recipe digest of every output
+            "file_dep": [o for _, o in outputs] + sorted({str(f) for r in recipes for f in r.files}),
             "targets": [options.lock_file],
             "uptodate": [config_changed({"kernel": KERNEL_VERSION, "outputs": [o for _, o in outputs]})],
             "doc": "record inputs, recipe, stage keys and output digests of every output",
@@ -224,7 +226,8 @@ def _job_tasks(recipe, job, options: BuildOptions):
         "file_dep": [str(job.input)] + evaluation_files,
         "task_dep": [previous] if previous else [],
         "targets": [str(job.output)] + reports,
-        "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output), "quality": _quality_config(recipe, job)})],
+        "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output), "quality": _quality_config(recipe, job),
+                                     "lock_format": LOCK_FORMAT})],  # a new lock format re-records every output once
         "clean": True,
         "doc": f"write {_rel(job.output)}",
     }
@@ -236,7 +239,7 @@ def _job_tasks(recipe, job, options: BuildOptions):
 def report_problems(lines) -> bool:
     import sys
 
-    print(f"{len(lines)} problem{'s' if len(lines) != 1 else ''} in recipes:", file=sys.stderr)
+    print(f"mlqpipe: error: {len(lines)} problem{'s' if len(lines) != 1 else ''} in recipes:", file=sys.stderr)
     for line in lines:
         print(f"  {line}", file=sys.stderr)
     return False
@@ -293,12 +296,55 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
     return steps, keys, computed
 
 
-def _failed(options, recipe_path, input_path, error) -> bool:
-    """A task's failure as one located line (the same text `mlqpipe quantize` prints), not a traceback."""
+def _posix(path) -> str:
+    return Path(_rel(path)).as_posix()
+
+
+def lock_entry(recipe, job, *, status: str, output_sha256=None, input_sha256=None, keys=(), gates=(), failure=None) -> dict:
+    """What the lock records about one output (see lock.py): no measured values, only digests, settings
+    and verdicts, so two machines building the same thing write the same lock."""
+    from .lock import file_sha256
+
+    entry = {
+        "status": status,
+        "output_sha256": output_sha256,
+        "inputs": {_posix(job.input): input_sha256 or file_sha256(job.input)},
+        "recipe": _posix(recipe.path),
+        "recipe_files": {_posix(p): file_sha256(p) for p in recipe.files},
+        "data": {_posix(job.evaluation.data): file_sha256(job.evaluation.data)} if job.evaluation and job.evaluation.data else {},
+        "stage_keys": list(keys),
+        "gates": [{"gate": g["gate"], "threshold": g["threshold"], "passed": g["passed"],
+                   **({"applied": False} if not g.get("applied", True) else {})} for g in gates],
+        "reports": [_posix(p) for p in recipe.written_reports(job)],
+    }
+    if failure:
+        entry["failure"] = failure
+    return entry
+
+
+def _record(options: BuildOptions, job, entry: dict) -> None:
+    """Keep this output's entry for the lock task, and put it in the lock file now: a failed output must
+    show as failed there even though doit never runs the lock task after a failure."""
+    from ..fileio import atomic_write
+    from .lock import current_versions, update_lock
+
+    atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
+    if options.lock_file:
+        update_lock(options.lock_file, options.state_dir, current_versions(KERNEL_VERSION), put={_posix(job.output): entry})
+
+
+def _failed(options, recipe, job, error, failure="error", gates=(), line=None) -> bool:
+    """A failed output: one located line (the text `mlqpipe quantize` prints), nothing left at the output
+    path, and the lock entry marked failed."""
     import sys
 
-    print(f"mlqpipe: error: {error}", file=sys.stderr)
-    _log(options, {"event": "failed", "recipe": recipe_path, "input": input_path, "message": str(error)})
+    from ..execute import remove_output
+
+    print(line or f"mlqpipe: error: {error}", file=sys.stderr)
+    _log(options, {"event": "failed", "recipe": _posix(recipe.path), "input": str(job.input), "output": _posix(job.output),
+                   "failure": failure, "message": str(error)})
+    remove_output(job)
+    _record(options, job, lock_entry(recipe, job, status="failed", gates=gates, failure=failure))
     return False
 
 
@@ -309,16 +355,15 @@ def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | boo
     try:
         _, keys, computed = _stage_chain(options, recipe, job, index)
     except MlqpipeError as e:
-        return _failed(options, recipe_path, input_path, e)
+        return _failed(options, recipe, job, e)
     _log(options, {"event": "stage", "recipe": recipe_path, "input": input_path, "stage": job.stages[index].name, "computed": computed})
     return {"key": keys[index], "computed": computed}
 
 
 def write_output_action(recipe_path, input_path, options_dict):
     """Assess the final model (evaluation, report, gates); write the report, and the output only when every
-    gate passed. A failed gate fails the task with the gate's message."""
-    import sys
-
+    gate passed. A failed gate fails the task with the gate's message, removes an older output and marks
+    the output failed in the lock."""
     from ..coreml.model import CoreMLModel, parse_model
     from ..errors import MlqpipeError
     from ..execute import finish_job
@@ -336,26 +381,15 @@ def write_output_action(recipe_path, input_path, options_dict):
             for i, stage in enumerate(job.stages)
         ]
         final = CoreMLModel(specs[-1], str(job.input))  # the same bytes, parsed once above (made from the input)
-        finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
+        report = finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
     except GateFailure as e:
-        print(f"mlqpipe: {e}", file=sys.stderr)
-        _log(options, {"event": "gate-failed", "recipe": recipe_path, "input": input_path, "message": str(e)})
-        return False
+        return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:
-        return _failed(options, recipe_path, input_path, e)
-    entry = {
-        "output": Path(_rel(job.output)).as_posix(),
-        "output_sha256": sha256(data),
-        "inputs": {Path(_rel(job.input)).as_posix(): sha256(steps[0])},
-        "recipe": Path(_rel(recipe.path)).as_posix(),
-        "recipe_sha256": digest_of(recipe.document),
-        "stage_keys": keys,
-        "reports": [Path(_rel(p)).as_posix() for p in recipe.written_reports(job)],
-    }
-    from ..fileio import atomic_write
-
-    atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
-    _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": entry["output"], "computed": computed,
+        return _failed(options, recipe, job, e)
+    entry = lock_entry(recipe, job, status="passed", output_sha256=sha256(data), input_sha256=sha256(steps[0]), keys=keys,
+                       gates=report["gates"])
+    _record(options, job, entry)
+    _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": _posix(job.output), "computed": computed,
                    "bytes_before": len(steps[0]), "bytes_after": len(data)})
     return {"output_sha256": entry["output_sha256"]}
 
@@ -371,26 +405,20 @@ def _entry_path(options: BuildOptions, output) -> Path:
 
 
 def write_lock(outputs, recipes, options_dict) -> None:
-    """Entries of this build's recipes are replaced; entries of other recipes that still exist are kept
-    (building a subset of recipes does not forget the rest)."""
-    import numpy
-    from google.protobuf import __version__ as protobuf_version
-
-    from .. import __version__
-    from ..fileio import atomic_write
+    """After every output of the build: the entries of this build's outputs, with their recipe files'
+    digests as they are now (an output whose recipe changed only elsewhere is still what the recipe says);
+    entries of outputs this build's recipes no longer make are dropped, other recipes' kept (building a
+    subset of recipes does not forget the rest). The file is rewritten only when its text changes."""
+    from .lock import current_versions, file_sha256, update_lock
 
     options = BuildOptions(**options_dict)
-    try:
-        previous = json.loads(Path(options.lock_file).read_text(encoding="utf-8"))["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        previous = {}
-    entries = {k: v for k, v in previous.items() if v.get("recipe") not in recipes and Path(v.get("recipe", "")).is_file()}
+    entries = {}
     for out in outputs:
         entry = json.loads(_entry_path(options, out).read_text(encoding="utf-8"))
-        entries[entry["output"]] = entry
-    lock = {
-        "lock_format": 1,
-        "versions": {"mlqpipe": __version__, "numpy": numpy.__version__, "protobuf": protobuf_version, "kernel": KERNEL_VERSION},
-        "outputs": dict(sorted(entries.items())),
-    }
-    atomic_write(options.lock_file, (json.dumps(lock, sort_keys=True, indent=2) + "\n").encode())
+        entry["recipe_files"] = {p: file_sha256(p) for p in entry["recipe_files"]}
+        entries[_posix(out)] = entry
+
+    def keep(out, entry):
+        return out in entries or (entry.get("recipe") not in recipes and Path(entry.get("recipe", "")).is_file())
+
+    update_lock(options.lock_file, options.state_dir, current_versions(KERNEL_VERSION), put=entries, keep=keep)

@@ -161,3 +161,48 @@ def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model
         network_msg=network,
         model_spec=model_spec,
     )
+
+
+def topological_layers(network) -> list:
+    """The network's own layers (not branch/loop bodies) in topological order of their blobs, ties kept in
+    stored order (converters store layers in order; this only matters when they do not)."""
+    import heapq
+
+    layers = list(network.layers)
+    producer = {}
+    for i, layer in enumerate(layers):
+        for blob in layer.output:
+            producer.setdefault(blob, i)
+    deps = [{producer[b] for b in layer.input if b in producer and producer[b] != i} for i, layer in enumerate(layers)]
+    users: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    order += [i for i in range(len(layers)) if i not in set(order)]  # a cycle (invalid model): stored order
+    return [layers[i] for i in order]
+
+
+def edge_layers(spec) -> dict[tuple[str, str], set[str]]:
+    """(model path, layer name) -> {"first", "last"}: the first and last layer holding weights of every
+    neural network of the model, in topological order; each network of a pipeline counts on its own,
+    branch and loop bodies do not."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for model_path, _, nn in neural_networks(spec):
+        weighted = [layer for layer in topological_layers(nn)
+                    if any(storage_of(s.wp).kind != "empty" for s in weight_slots(layer))]
+        if weighted:
+            out.setdefault((model_path, weighted[0].name), set()).add("first")
+            out.setdefault((model_path, weighted[-1].name), set()).add("last")
+    return out
+

@@ -72,6 +72,9 @@ def load_code(ref: str, search_path, *, allow=True):
     spec = _locate(module, search_path)
     if spec is None:
         raise RecipeError(f"custom code '{ref}': module '{module}' not found on {', '.join(map(str, search_path))}")
+    loaded = sys.modules.get(module)
+    if loaded is not None and spec.origin and getattr(loaded, "__file__", None) != spec.origin:
+        del sys.modules[module]  # another recipe's module of the same name (another python_path): not this one
     added = [str(p) for p in search_path if str(p) not in sys.path]
     sys.path[:0] = added
     try:

@@ -39,6 +39,7 @@ class Rule:
     kernel_channels: Range | None = None
     layer_weight_count: Range | None = None
     depthwise: bool | None = None
+    position: tuple[str, ...] = ()  # "first", "last"
     storage: tuple[str, ...] = ()
     coremltools_selector: CoremltoolsSelector | None = None
     python: str | None = None
@@ -69,6 +70,7 @@ class Gates:
     min_compression: float | None = None
     min_top1_agreement: float | None = None
     max_output_error: float | None = None
+    max_accuracy_drop: float | None = None
     min_accuracy: float | None = None
 
 

@@ -87,10 +87,16 @@ def test_stage_parameter_change_reruns_that_stage_and_later_only(project, capsys
     assert ran == sorted(["mlqpipe/recipes/a/../digits_mlp.mlmodel/2-rest", "mlqpipe/recipes/a/../digits_mlp.mlmodel/output", "mlqpipe-lock"])
 
 
-def test_comment_change_reruns_nothing(project, capsys):
+def test_comment_change_rebuilds_no_model(project, capsys):
     build(capsys)
     p = project / "recipes" / "c.yaml"
     p.write_text("# a new comment\n" + p.read_text().replace("version: 1", "version: 1  # still one"))
+    before = json.loads((project / "mlqpipe.lock.json").read_text())["outputs"]
+    assert build(capsys) == ["mlqpipe-lock"]  # only the lock: it records the recipe file's new digest
+    after = json.loads((project / "mlqpipe.lock.json").read_text())["outputs"]
+    changed = {out for out in after if after[out] != before[out]}
+    assert changed == {"recipes/out/digits_cnn.c.mlmodel"}
+    assert after["recipes/out/digits_cnn.c.mlmodel"]["output_sha256"] == before["recipes/out/digits_cnn.c.mlmodel"]["output_sha256"]
     assert build(capsys) == []
 
 
@@ -135,6 +141,7 @@ def test_broken_recipe_under_doit_prints_located_errors(project, capsys):
     assert "Traceback" not in text
 
 
+@pytest.mark.invalid_models("recipes/out/digits_mlp.a.mlmodel", reason="an output tampered with on purpose: verify must notice")
 def test_verify_and_diff(project, capsys):
     build(capsys)
     shutil.copy(project / "mlqpipe.lock.json", project / "old.lock.json")

@@ -83,11 +83,15 @@ gates: {{max_output_error: 0.1}}
     (work / "r.yaml").write_text(text.format(allow=""))
     assert main(["quantize", "r.yaml"]) == 1
     err = capsys.readouterr().err
-    assert "evaluation (threshold evaluated, got not evaluated)" in err and "layer 'up'" in err and "allow_unevaluated" in err
+    assert "max_output_error (threshold 0.1, got not evaluated): not applied: not evaluated" in err
+    assert "layer 'up'" in err and "allow_unevaluated" in err
     (work / "r.yaml").write_text(text.format(allow=", allow_unevaluated: true"))
     assert main(["quantize", "r.yaml"]) == 0
     report = json.loads((work / "out/deconv.report.json").read_text())
     assert report["evaluation"]["evaluated"] is False and report["status"] == "passed"
+    # the gate that could not be applied stays in the table, marked as such
+    assert [(g["gate"], g["applied"], g["passed"]) for g in report["gates"]] == [("max_output_error", False, True)]
+    assert "| max_output_error | 0.1 | not evaluated | not applied:" in (work / "out/deconv.report.md").read_text()
 
 
 def test_random_inputs_are_marked(work, capsys):
@@ -114,3 +118,35 @@ def test_png_report_when_matplotlib_is_installed(work, capsys):
     (work / "r.yaml").write_text(text)
     assert main(["quantize", "r.yaml"]) == 0
     assert (work / "out/digits_mlp.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_accuracy_drop_against_the_float_model(work, capsys):
+    # 1-bit k-means on the large layers costs the MLP accuracy; the drop is float minus quantized accuracy
+    recipe(work, "  max_accuracy_drop: 0.5", nbits=1)
+    assert main(["quantize", "r.yaml"]) == 0
+    report = json.loads((work / "out/digits_mlp.report.json").read_text())
+    ev = report["evaluation"]
+    drop = ev["accuracy_float"] - ev["accuracy_quantized"]
+    assert drop > 0.005
+    (gate,) = report["gates"]
+    assert gate["gate"] == "max_accuracy_drop" and gate["value"] == pytest.approx(drop, abs=1e-6) and gate["passed"]
+    recipe(work, f"  max_accuracy_drop: {drop / 2:.6f}", nbits=1)
+    assert main(["quantize", "r.yaml"]) == 1
+    assert f"max_accuracy_drop (threshold {drop / 2:.6f}, got {round(drop, 4)})" in capsys.readouterr().err
+    assert not (work / "out/digits_mlp.mlmodel").exists()
+
+
+def test_max_accuracy_drop_per_model_overrides_the_recipe(work, capsys):
+    recipe(work, "  max_accuracy_drop: 0.0", nbits=1)
+    text = (work / "r.yaml").read_text().replace("output: 'out/{stem}.mlmodel'}", "output: 'out/{stem}.mlmodel', gates: {max_accuracy_drop: 0.5}}")
+    (work / "r.yaml").write_text(text)
+    assert main(["quantize", "r.yaml"]) == 0
+
+
+def test_exact_threshold_passes(work):
+    """A drop equal to the threshold passes (accuracies are k/n fractions; no float rounding surprises)."""
+    recipe(work, "  max_accuracy_drop: 0.5", nbits=1)
+    assert main(["quantize", "r.yaml"]) == 0
+    ev = json.loads((work / "out/digits_mlp.report.json").read_text())["evaluation"]
+    recipe(work, f"  max_accuracy_drop: {ev['accuracy_float'] - ev['accuracy_quantized']!r}", nbits=1)
+    assert main(["quantize", "r.yaml"]) == 0

@@ -83,3 +83,27 @@ def test_no_custom_code_refuses_cleanly(work):
 def test_rules_after_a_custom_rule_are_not_reported_unmatched(work):
     r = _recipe(work, "{mode: linear, nbits: 8, rules: [mine, everything]}", "mine: {python: 'team_luts:only_dense_1'}\n  everything: {}")
     assert plan_recipe(r)[1] == []
+
+
+def test_two_recipes_with_modules_of_the_same_name(tmp_path, monkeypatch):
+    """Each recipe gets the module from its own python_path, even when one of the same name is loaded."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
+    for team, bits in (("a", 2), ("b", 3)):
+        (tmp_path / team).mkdir()
+        (tmp_path / team / "shared_luts.py").write_text(
+            "import numpy as np\n"
+            f"def lut(nbits, w):\n    t = np.linspace(w.min(), w.max(), 2 ** nbits)\n    t[-1] = {bits}.0\n"
+            "    return t, np.abs(w.reshape(-1, 1) - t[None, :]).argmin(axis=1)\n")
+        (tmp_path / f"{team}.yaml").write_text(
+            f"version: 1\npython_path: [{team}]\nmodels:\n  - {{input: m.mlmodel, output: 'out/{team}.mlmodel'}}\n"
+            "rules:\n  w: {layer: dense_3, field: weights}\nstages:\n  - {mode: custom_lut, nbits: 2, function: 'shared_luts:lut', rules: [w]}\n")
+    try:
+        tables = []
+        for team in ("a", "b"):
+            (job, _), = quantize_recipe(load_recipe(tmp_path / f"{team}.yaml"))
+            rec = next(r for r in mlqpipe.inventory(mlqpipe.load_model(job.output).spec) if r.id == "dense_3:weights")
+            tables.append(float(rec.wp.quantization.lookupTableQuantization.floatValue[-1]))
+        assert tables == [2.0, 3.0]
+    finally:
+        sys.modules.pop("shared_luts", None)
