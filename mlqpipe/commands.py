@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .coreml.version import version_change
 from .errors import RecipeError
 from .fileio import shown_path as _rel
 from .plan import ModelPlan, plan_recipe
@@ -51,6 +52,7 @@ def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
             "output": _rel(mp.job.output),
             "bytes_before": mp.bytes_before,
             "bytes_after": mp.bytes_after,
+            "specification_version": {"before": mp.version_before, "after": mp.version_after},
             "stages": [
                 {
                     "name": sp.stage.name,
@@ -77,6 +79,9 @@ def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool
     for mp in model_plans:
         ratio = mp.bytes_before / mp.bytes_after if mp.bytes_after else float("inf")
         print(f"{_rel(mp.job.input)} -> {_rel(mp.job.output)}: weights {_fmt_bytes(mp.bytes_before)} -> {_fmt_bytes(mp.bytes_after)} ({ratio:.2f}x)")
+        change = version_change(mp.version_before, mp.version_after)
+        if change:
+            print(f"  {change}")
         for sp in mp.stages:
             print(f"  stage {sp.stage.label}")
             if sp.stage.mode == "fold":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from .coreml.check import precision_mix_findings
 from .coreml.inventory import WeightRecord, inventory
 from .coreml.model import CoreMLModel, load_model
+from .coreml.version import raise_versions
 from .coreml.weights import Storage
 from .errors import ModelError
 from .fileio import shown_path as _shown
@@ -59,6 +60,8 @@ class ModelPlan:
     matched_rules: set = field(default_factory=set)
     matched_entries: set = field(default_factory=set)  # (rule, condition, index) of name-list entries that match
     loaded: bool = True
+    version_before: int = 0  # specificationVersion of the input and of the output
+    version_after: int = 0
 
 
 def storage_after(stage: Stage) -> Storage:
@@ -206,6 +209,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
         plan.loaded = False
         return plan
     spec = model.spec
+    plan.version_before = spec.specificationVersion
     plan.problems += setting_problems(job, recipe, spec)
     overlay: dict = {}
     start = {r.id: r for r in inventory(spec)}
@@ -227,7 +231,10 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
             sp.decisions = decisions
             plan.problems += problems
             overlay.update(after)
+            if stage.mode != "dequantize" and any(d.action == "quantize" for d in decisions):
+                raise_versions(spec, "fp16" if stage.mode == "fp16" else "quantized")  # as the build will
         plan.stages.append(sp)
+    plan.version_after = spec.specificationVersion
     final = inventory(spec)
     plan.bytes_after = sum(estimate_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")
     return plan

@@ -5,7 +5,8 @@ measures the quantization error against the folded float weights), is determinis
 paths outside the project) and is written as JSON (format below) and Markdown beside the output.
 
 JSON format (report_format 1): {report_format, status ("passed" | "failed"), input, output, recipe,
-totals {bytes_before, bytes_after, compression}, weights [{id, layer, type, field, shape, stage, mode,
+totals {bytes_before, bytes_after, compression}, specification_version {before, after,
+deployment_target_before, deployment_target_after}, weights [{id, layer, type, field, shape, stage, mode,
 nbits, bytes_before, bytes_after, snr_db, max_abs_error, relative_l2_error, rule}], flags [{id, snr_db,
 hint}], evaluation {evaluated, reason, samples, random_inputs, top1_agreement, accuracy_float,
 accuracy_quantized, outputs {name: {relative_l2, max_abs}}} or null, gates [{gate, threshold, value,
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .coreml.inventory import inventory
+from .coreml.version import deployment_target, version_change
 
 REPORT_FORMAT = 1
 FLAG_MARGIN_DB = 15.0  # a weight this far below the median SNR is flagged
@@ -103,6 +105,9 @@ def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=N
         "output": rel(job.output),
         "recipe": rel(recipe.path),
         "totals": {"bytes_before": before, "bytes_after": after, "compression": round(before / after, 4) if after else None},
+        "specification_version": {"before": specs[0].specificationVersion, "after": specs[-1].specificationVersion,
+                                  "deployment_target_before": deployment_target(specs[0].specificationVersion),
+                                  "deployment_target_after": deployment_target(specs[-1].specificationVersion)},
         "weights": [{k: _num(v) for k, v in r.items()} for r in rows],
         "flags": [{k: _num(v) for k, v in f.items()} for f in flags(rows)],
         "evaluation": None if evaluation is None else {k: _num(v) if not isinstance(v, dict) else
@@ -136,6 +141,9 @@ def to_markdown(report: dict) -> str:
         f"Size: {t['bytes_before']} → {t['bytes_after']} bytes ({_fmt(t['compression'], 2)}×)",
         "",
     ]
+    v = report.get("specification_version")
+    if v and v["before"] != v["after"]:
+        lines += [f"**{version_change(v['before'], v['after'])}**", ""]
     ev = report["evaluation"]
     if ev is not None:
         if ev["evaluated"]:

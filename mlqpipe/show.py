@@ -33,15 +33,22 @@ def inventory_rows(records: list[WeightRecord]) -> list[dict]:
 
 
 def print_inventory(path: str, as_json: bool = False) -> int:
+    from .coreml.description import feature_rows
+
     model = load_model(path)
     rows = inventory_rows(inventory(model.spec))
+    features = feature_rows(model.spec)
     if as_json:
         json.dump({"model": path, "type": model.model_type, "specificationVersion": model.spec.specificationVersion,
-                   "weights": rows}, sys.stdout, indent=2)
+                   **features, "weights": rows}, sys.stdout, indent=2)
         print()
         return 0
     print(f"{path}: {model.model_type}, specificationVersion {model.spec.specificationVersion}, "
           f"{len(rows)} weight blobs, {sum(r['bytes'] for r in rows)} bytes of weights")
+    for side in ("inputs", "outputs"):
+        for f in features[side]:
+            shape = f" {_shape(f['shape'])}" if f["shape"] else ""
+            print(f"  {side[:-1]:6} {f['name']}: {f['type']}{shape}{' (optional)' if f['optional'] else ''}")
     for row in rows:
         row["shape"] = _shape(row["shape"])
         row["updatable"] = "updatable" if row["updatable"] else ""

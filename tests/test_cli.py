@@ -91,3 +91,41 @@ def test_report_json_of_a_recipe_is_one_document(pipelines, capsys):
     assert [r["output"] for r in doc] == ["build/demo/digits_cnn.q.mlmodel", "build/demo/digits_mlp.q.mlmodel"]
     assert main(["report", "--json", "build/demo/digits_mlp.q.mlmodel"]) == 0
     assert json.loads(capsys.readouterr().out)["output"] == "build/demo/digits_mlp.q.mlmodel"
+
+
+def test_plan_and_report_show_a_rising_specification_version(pipelines, capsys):
+    assert main(["plan", "pipelines/demo/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("specificationVersion 1 -> 3: the minimum deployment target moves from iOS 11 to iOS 12") == 2
+    assert main(["plan", "--json", "pipelines/demo/demo.yaml"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [m["specification_version"] for m in doc["models"]] == [{"before": 1, "after": 3}] * 2
+    assert main(["quantize", "pipelines/demo/demo.yaml"]) == 0
+    report = json.loads((pipelines.parent / "build/demo/digits_mlp.q.report.json").read_text())
+    assert report["specification_version"] == {"before": 1, "after": 3, "deployment_target_before": "iOS 11",
+                                               "deployment_target_after": "iOS 12"}
+    assert "specificationVersion 1 -> 3" in (pipelines.parent / "build/demo/digits_mlp.q.report.md").read_text()
+
+
+def test_plan_says_nothing_when_the_version_stays(pipelines, capsys, tmp_path):
+    (tmp_path / "v.yaml").write_text(
+        "version: 1\nmodels:\n  - {input: pipelines/demo/digits_mlp.mlmodel, output: out/v.mlmodel}\n"
+        "rules:\n  all: {}\nstages:\n  - {mode: dequantize, rules: [all]}\n")
+    assert main(["plan", "v.yaml"]) == 0
+    assert "specificationVersion" not in capsys.readouterr().out
+
+
+def test_inspect_shows_inputs_and_outputs(capsys):
+    assert main(["inspect", str(REPO / "pipelines/demo/digits_cnn.mlmodel")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:4] == ["  input  image: multiArray double 1x8x8", "  output classLabel: int64", "  output classProbability: dictionary"]
+    assert main(["inspect", "--json", str(REPO / "pipelines/demo/digits_cnn.mlmodel")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["inputs"] == [{"name": "image", "type": "multiArray double", "shape": [1, 8, 8], "optional": False}]
+    assert [o["name"] for o in doc["outputs"]] == ["classLabel", "classProbability"]
+
+
+def test_inspect_real_models_inputs(real_model, capsys):
+    assert main(["inspect", "--json", str(real_model)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["inputs"] and all(f["name"] and f["type"] != "unknown" for f in doc["inputs"] + doc["outputs"])

@@ -57,3 +57,28 @@ GRAYSCALE, RGB, BGR = 10, 20, 30  # ImageFeatureType.ColorSpace values
 def read_description(spec):
     """The parsed ModelDescription of a Model message (empty when absent)."""
     return ModelDescription.FromString(spec.description) if spec.HasField("description") else ModelDescription()
+
+_ARRAY_TYPES = {FLOAT32: "float32", DOUBLE: "double", INT32: "int32", 65552: "float16"}
+_COLOR = {GRAYSCALE: "gray", RGB: "RGB", BGR: "BGR"}
+
+
+def feature_rows(spec) -> dict[str, list[dict]]:
+    """{"inputs": [...], "outputs": [...]}: name, type and shape of each feature, as `mlqpipe inspect` shows
+    them (users need the input names for `evaluation.inputs`)."""
+
+    def row(f) -> dict:
+        t = f.type
+        kind = t.WhichOneof("Type")
+        out = {"name": f.name, "type": kind.removesuffix("Type") if kind else "unknown", "shape": None, "optional": bool(t.isOptional)}
+        if kind == "multiArrayType":
+            out["type"] = f"multiArray {_ARRAY_TYPES.get(t.multiArrayType.dataType, t.multiArrayType.dataType)}"
+            out["shape"] = [int(d) for d in t.multiArrayType.shape]
+        elif kind == "imageType":
+            img = t.imageType
+            out["type"] = f"image {_COLOR.get(img.colorSpace, img.colorSpace)}"
+            out["shape"] = [int(img.height), int(img.width)]
+        return out
+
+    desc = read_description(spec)
+    return {"inputs": [row(f) for f in desc.input], "outputs": [row(f) for f in desc.output]}
+
