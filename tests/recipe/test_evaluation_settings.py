@@ -106,3 +106,19 @@ def test_the_build_reports_them_located_too(work, capsys, monkeypatch):
     text = captured.out + captured.err
     assert "r.yaml:3:67: defaults.evaluation.labels: digits_mlp.mlmodel: array 'labels' is not in digits_test.npz" in text
     assert "Traceback" not in text and not (work / "out").exists()
+
+
+def test_real_model_settings(tmp_path, monkeypatch, capsys):
+    from tests.conftest import SHARED_MODELS
+
+    if not SHARED_MODELS.is_dir():
+        pytest.skip("../shared/models is absent")
+    for name in ("keras_mnist_cnn.mlmodel", "keras_mnist_cnn.digits28.npz"):
+        shutil.copy(SHARED_MODELS / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    found = problems(tmp_path, capsys, "{data: keras_mnist_cnn.digits28.npz, inputs: {img: X}, labels: label}",
+                     "{max_accuracy_drop: 0.01}", model="keras_mnist_cnn.mlmodel")
+    assert any("'img' is not an input of this model (its inputs: image)" in p for p in found)
+    assert any("array 'label' is not in keras_mnist_cnn.digits28.npz" in p for p in found)
+    assert problems(tmp_path, capsys, "{data: keras_mnist_cnn.digits28.npz, labels: y}", "{max_accuracy_drop: 0.01}",
+                    model="keras_mnist_cnn.mlmodel") == []
