@@ -5,8 +5,10 @@ are reduced to at most 65,536 bins keyed by the top 16 bits of each float (relat
 with exact per-bin counts and sums. The optimal k-means of the bins (merged to at most 2,048) comes from a
 dynamic programme; Lloyd's algorithm on the fine bins then refines it (each centroid is the exact mean of
 its values, since bin sums are exact), and values are assigned to the nearest table entry, bin by bin, value
-by value only in the few bins a decision boundary crosses. Measured: within 0.2 % of the exact optimum's MSE
-(kmeans1d) at 4 bits, about 30x faster than scikit-learn's KMeans.
+by value only in the few bins a decision boundary crosses. Nothing sorts the values: they are read twice,
+once for the histogram and once for the codes (a gather from a 65,536-entry per-bin table), both in
+cache-sized chunks. Measured (bench/run.py): within 0.2 % of the exact optimum's MSE (kmeans1d) at 4
+bits; on 4M weights, load -> quantize -> write about 50x faster than scikit-learn's KMeans fit alone.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import numpy as np
 _KEY_BITS = 16  # bins: sign, exponent and 7 mantissa bits of float32 (widths about 0.4 % of the value)
 _DP_BINS = 2048  # the exact dynamic programme runs on at most this many (merged) bins
 _MAX_ITER = 1000
-_STRADDLED = 0xFFFF  # marker in the per-bin code table (real codes are < 256)
+_CHUNK = 1 << 17  # values per step of the passes over all values (keys 1 MB, weights 1 MB)
 
 
 def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     """A 2**nbits float32 table and uint8 codes minimising squared error for 1-D `values`."""
     w = np.ascontiguousarray(values, dtype=np.float32).ravel()
     k = 1 << nbits
-    keys = _orderable_keys(w)
-    counts = np.bincount(keys, minlength=1 << _KEY_BITS)
+    counts, sums = _histogram(w)
+    counts, sums = counts[_RAW_OF_KEY], sums[_RAW_OF_KEY]  # value order
     used = np.flatnonzero(counts)
     if used.size <= k:  # few distinct bins: cluster the distinct values themselves, exactly
         distinct, inverse, n = np.unique(w, return_inverse=True, return_counts=True)
@@ -32,7 +34,7 @@ def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         if distinct.size > k:
             centroids = _optimal_1d(centroids, n.astype(np.float64), centroids * n, k)
         return _table_and_codes(w, centroids, k)
-    sums = np.bincount(keys, weights=w, minlength=1 << _KEY_BITS)[used]
+    sums = sums[used]
     n = counts[used].astype(np.float64)
     centres = sums / n
     centroids = _optimal_1d(*_merge_bins(used, centres, n, sums), k)
@@ -41,7 +43,30 @@ def kmeans_lut(values: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     table = np.zeros(k, dtype=np.float32)
     c32 = np.unique(centroids.astype(np.float32))
     table[: c32.size] = c32
-    return table, _codes_via_bins(w, keys, used, centres, c32)
+    return table, _codes_via_bins(w, used, centres, c32)
+
+
+def _histogram(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Count and sum of the values in each bin, indexed by the float's raw high half.
+
+    Chunked so that the int64 keys and float64 weights numpy makes for bincount stay in cache (about twice
+    as fast at 4M values as one pass). The sums are exact in float64 whatever the order (a bin's values
+    share one exponent: integer multiples of one ulp, far below 2**53 of them), so chunking changes no bit.
+    """
+    counts = np.zeros(1 << _KEY_BITS, dtype=np.intp)
+    sums = np.zeros(1 << _KEY_BITS)
+    for start in range(0, w.size, _CHUNK):
+        part = w[start : start + _CHUNK]
+        raw = _raw_keys(part)
+        counts += np.bincount(raw, minlength=1 << _KEY_BITS)
+        sums += np.bincount(raw, weights=part, minlength=1 << _KEY_BITS)
+    return counts, sums
+
+
+def _raw_keys(w: np.ndarray) -> np.ndarray:
+    """The high 16 bits of each float32 as stored, as the intp numpy's bincount and gathers want (handing
+    them uint16 makes each convert again)."""
+    return w.view(np.uint16)[1 if np.little_endian else 0 :: 2].astype(np.intp)
 
 
 def _orderable_keys(w: np.ndarray) -> np.ndarray:
@@ -53,20 +78,38 @@ def _orderable_keys(w: np.ndarray) -> np.ndarray:
     return (high ^ mask).view(np.uint16)
 
 
-def _codes_via_bins(w, keys, used, centres, table):
-    """Nearest-entry codes for all values: per bin, except bins a decision boundary falls into."""
+# raw high half for each key in value order: per-bin tables are built in value order on 65,536 entries and
+# moved to raw order there, instead of transforming millions of values
+def _raw_of_key() -> np.ndarray:
+    raw = np.arange(1 << _KEY_BITS, dtype=np.intp)
+    out = np.empty_like(raw)
+    out[_orderable_keys((raw.astype(np.uint32) << 16).view(np.float32))] = raw
+    return out
+
+
+_RAW_OF_KEY = _raw_of_key()
+
+
+def _codes_via_bins(w, used, centres, table):
+    """Nearest-entry codes for all values: a gather from a 65,536-entry per-bin table (chunked, like the
+    histogram), then value by value only in the bins a decision boundary falls into."""
     t = np.asarray(table, dtype=np.float64)
-    mids = (t[1:] + t[:-1]) / 2
-    # one code per bin; bins a decision boundary falls into get a marker and are resolved value by value
-    per_bin = np.zeros(1 << _KEY_BITS, dtype=np.uint16)
-    per_bin[used] = np.searchsorted(mids, centres)
-    boundary_keys = _orderable_keys(mids.astype(np.float32)).astype(np.intp)
-    for offset in (-1, 0, 1):  # float32 rounding of a midpoint may land in a neighbouring bin
-        per_bin[np.clip(boundary_keys + offset, 0, (1 << _KEY_BITS) - 1)] = _STRADDLED
-    codes = per_bin[keys]
-    exact = np.flatnonzero(codes == _STRADDLED)
+    mids = (t[1:] + t[:-1]) / 2  # exact: sums of two float32 in float64
+    marker = np.iinfo(np.uint8 if table.size < 256 else np.uint16).max  # real codes are < table.size
+    per_bin = np.zeros(1 << _KEY_BITS, dtype=np.uint8 if marker == 0xFF else np.uint16)
+    per_bin[_RAW_OF_KEY[used]] = np.searchsorted(mids, centres)
+    # the float32 neighbours of each midpoint: values <= lo go below it, values >= hi above; only their bins
+    # can hold values on both sides
+    m32 = mids.astype(np.float32)
+    lo = np.where(m32 > mids, np.nextafter(m32, np.float32(-np.inf)), m32)
+    hi = np.nextafter(lo, np.float32(np.inf))
+    per_bin[_raw_keys(np.concatenate((lo, hi)))] = marker
+    codes = np.empty(w.size, dtype=per_bin.dtype)
+    for start in range(0, w.size, _CHUNK):
+        np.take(per_bin, _raw_keys(w[start : start + _CHUNK]), out=codes[start : start + _CHUNK])
+    exact = np.flatnonzero(codes == marker)
     codes[exact] = np.searchsorted(mids, w[exact].astype(np.float64))
-    return codes.astype(np.uint8)
+    return codes.astype(np.uint8, copy=False)
 
 
 def _merge_bins(keys: np.ndarray, centres, counts, sums):
@@ -85,59 +128,75 @@ def _merge_bins(keys: np.ndarray, centres, counts, sums):
 def _optimal_1d(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, k: int) -> np.ndarray:
     """Exact k-means of sorted weighted points by dynamic programming.
 
-    cost(a, b) of one cluster over points [a, b) comes from prefix sums in O(1); the best split point is
+    cost(a, b) of one cluster over points [a, b) comes from prefix sums in O(1). The best split point is
     monotone in b, so each of the k layers is solved by divide and conquer, one recursion level at a time
-    for all segments together (numpy over arrays, about log2(n) steps per layer).
+    for all segments together. Which ends b a level solves, and which solved neighbours bound their
+    searches, does not depend on the data: that schedule is built once and serves every layer, and a level
+    is a couple of dozen numpy calls (at 2,048 points, call overhead weighs as much as the arithmetic).
+    The last layer is solved for the whole data only.
     """
     m = centres.size
     k = min(k, m)
-    cn = np.concatenate(([0.0], np.cumsum(counts)))
-    cs = np.concatenate(([0.0], np.cumsum(sums)))
-    cq = np.concatenate(([0.0], np.cumsum(sums * centres)))
-
-    def cost(a, b):
-        n = cn[b] - cn[a]
-        s = cs[b] - cs[a]
-        return (cq[b] - cq[a]) - s * s / np.where(n > 0, n, 1.0)
-
-    ends = np.arange(m + 1)
-    prev = cost(np.zeros(m + 1, dtype=np.int64), ends)
-    prev[0] = 0.0
-    splits = np.zeros((k, m + 1), dtype=np.int64)
+    pre = np.zeros((4, m + 1))  # prefix counts, sums, weighted squares; row 3: the previous layer's costs
+    np.cumsum(counts, out=pre[0, 1:])
+    np.cumsum(sums, out=pre[1, 1:])
+    np.cumsum(sums * centres, out=pre[2, 1:])
+    cn, cs, cq = pre[:3]
+    prev = pre[3]
+    prev[1:] = cq[1:] - cs[1:] * cs[1:] / cn[1:]
+    prev[0] = np.inf  # one cluster over no points: infeasible, like every layer's too-short prefixes
+    levels = [(b, bounds, pre[:3, b]) for b, bounds in _split_schedule(m)]
+    splits = np.zeros((k, m + 2), dtype=np.int64)  # per layer: best split for each end; sentinels 0 and m
     for layer in range(1, k):
-        cur = np.full(m + 1, np.inf)
-        lo, hi = np.array([layer + 1]), np.array([m])
-        olo, ohi = np.array([layer]), np.array([m - 1])
-        while lo.size:
-            mid = (lo + hi) >> 1
-            length = np.minimum(ohi, mid - 1) - olo + 1
-            start = np.cumsum(length) - length
-            total = int(start[-1] + length[-1])
-            positions = np.arange(total)
-            cand = positions - np.repeat(start - olo, length)  # olo + offset within each segment
-            val = prev[cand] + cost(cand, np.repeat(mid, length))
-            best_val = np.minimum.reduceat(val, start)
-            # first position of each segment's minimum (ties: the earliest split, as a stable scan would)
-            first = np.minimum.reduceat(np.where(val == np.repeat(best_val, length), positions, total), start)
-            best = cand[first]
-            cur[mid] = best_val
-            splits[layer, mid] = best
-            left = lo <= mid - 1
-            right = mid + 1 <= hi
-            lo, hi, olo, ohi = (
-                np.concatenate((lo[left], mid[right] + 1)),
-                np.concatenate((mid[left] - 1, hi[right])),
-                np.concatenate((olo[left], best[right])),
-                np.concatenate((best[left], ohi[right])),
-            )
-        prev = cur
+        opt = splits[layer]
+        opt[m + 1] = m
+        if layer == k - 1:  # the last layer is only needed at the end of the data
+            levels = [(np.array([m]), np.array([[0], [m + 1]]), pre[:3, [m]])]
+        cur = np.empty(m + 1)
+        for b, bounds, at_b in levels:
+            cur[b], opt[b] = _best_splits(pre, opt, b, bounds, at_b)
+        cur[: layer + 1] = np.inf  # fewer points than clusters
+        prev[:] = cur
     edges = [m]
     for layer in range(k - 1, 0, -1):
         edges.append(int(splits[layer, edges[-1]]))
-    edges = np.array(edges[::-1] + [], dtype=np.int64)
-    edges = np.concatenate(([0], edges))
+    edges = np.array([0] + edges[::-1], dtype=np.int64)
     n = cn[edges[1:]] - cn[edges[:-1]]
     return (cs[edges[1:]] - cs[edges[:-1]]) / n
+
+
+def _best_splits(pre, opt, b, bounds, at_b):
+    """One recursion level: for each end b, the minimum over its allowed splits a of prev[a] + cost(a, b),
+    and the earliest a reaching it. The candidates of all segments form one ragged array; the minimum is
+    taken on complex numbers (value, split), which numpy orders lexicographically: ties go to the earliest
+    split, as a stable scan would."""
+    lo_hi = opt[bounds]
+    lo = lo_hi[0]
+    length = np.minimum(lo_hi[1], b - 1) + 1 - lo
+    stops = np.cumsum(length)
+    starts = stops - length
+    cand = np.arange(stops[-1]) + np.repeat(lo - starts, length)
+    at_cand = pre[:, cand]  # prefix counts, sums, squares and previous costs at each candidate
+    d = np.repeat(at_b, length, axis=1) - at_cand[:3]
+    both = np.empty(cand.size, dtype=np.complex128)
+    both.real = at_cand[3] + (d[2] - d[1] * d[1] / d[0])
+    both.imag = cand
+    best = np.minimum.reduceat(both, starts)
+    return best.real, best.imag.astype(np.int64)
+
+
+def _split_schedule(m: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Breadth-first divide and conquer over ends 1..m: per level, the midpoints of the open segments and
+    the two solved ends around each (0 and m + 1 are sentinels), whose best splits bound its search."""
+    lo, hi = np.array([1]), np.array([m])
+    out = []
+    while lo.size:
+        mid = (lo + hi) >> 1
+        out.append((mid, np.stack((lo - 1, hi + 1))))
+        lo, hi = np.concatenate((lo, mid + 1)), np.concatenate((mid - 1, hi))
+        keep = lo <= hi
+        lo, hi = lo[keep], hi[keep]
+    return out
 
 
 def _lloyd(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, c: np.ndarray) -> np.ndarray:
