@@ -14,7 +14,8 @@ import numpy as np
 
 from ..coreml.description import read_description
 from ..coreml.model import NN_TYPES
-from .forward import Unsupported, run_network
+from .context import Unsupported
+from .forward import run_network
 from .messages import Int64Vector, Preprocessing, StringVector
 
 MAX_SAMPLES = 2000

@@ -1,12 +1,11 @@
-"""Parse-only definitions for the layer parameters our model I/O keeps opaque (pooling, flatten, ...).
+"""Message definitions for the layer parameters our model I/O keeps opaque (pooling, flatten, ...): pure
+definitions, no evaluation code.
 
 The model spec stores these sub-messages as bytes (we never rewrite them); the evaluator parses a copy when it
-needs a kernel size or a padding amount.
+needs a kernel size or a padding amount. Field numbers are Core ML's (NeuralNetwork.proto).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from ..coreml.proto import build_messages
 
@@ -94,6 +93,9 @@ message StringVector
 
 message Int64Vector
   1 vector int64 repeated
+
+message Empty
+  1 unused bool
 """
 
 _C = build_messages(_SCHEMA, "mlqpipe.evaluate")
@@ -111,30 +113,21 @@ LAYER_PARAMS = {
 }
 
 
+for _kind in ("copy", "loopBreak", "loopContinue"):  # parameterless layers
+    LAYER_PARAMS[_kind] = _C["Empty"]
+
+
+def activation_kind(raw: bytes) -> str | None:
+    """The activation an ActivationParams kept as bytes names (recurrent layers list them)."""
+    return _C["ActivationKinds"].FromString(raw).WhichOneof("NonlinearityType")
+
+
 def activation_params(p, kind: str) -> dict:
-    """alpha / beta of an activation whose sub-message our model I/O keeps as bytes."""
+    """alpha / beta of an activation: `p` is an ActivationParams message or its bytes."""
+    if isinstance(p, bytes):
+        p = _C["ActivationKinds"].FromString(p)
     raw = getattr(p, kind)
     if not isinstance(raw, bytes):
         return {}
     msg = _C["AlphaBeta"].FromString(raw)
     return {"alpha": msg.alpha, "beta": msg.beta}
-
-
-def _fn(kind: str):
-    return {
-        "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-        "tanh": np.tanh,
-        "ReLU": lambda x: np.maximum(x, 0),
-        "linear": lambda x: x,
-    }.get(kind)
-
-
-def lstm_activations(raw_list, layer):
-    """The three LSTM activation functions (gates, block input, output)."""
-    from .forward import Unsupported
-
-    kinds = [_C["ActivationKinds"].FromString(r).WhichOneof("NonlinearityType") for r in raw_list] or ["sigmoid", "tanh", "tanh"]
-    fns = [_fn(k) for k in kinds]
-    if len(fns) != 3 or any(f is None for f in fns):
-        raise Unsupported(f"layer '{layer.name}': LSTM activations {kinds} are not implemented by mlqpipe's evaluator")
-    return fns
