@@ -60,10 +60,12 @@ def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True,
     return model, plans
 
 
-def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan], warn=None) -> dict:
+def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan], warn=None,
+               cache_dir=None) -> dict:
     """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
     output, checked against Core ML's rules and written atomically. Rules the input (specs[0]) already
-    breaks are reported by `warn(message)` (default: a warning line on stderr) and not held against the output."""
+    breaks are reported by `warn(message)` (default: a warning line on stderr) and not held against the output.
+    `cache_dir`: where the float model's evaluation outputs are kept between builds (None: not kept)."""
     from .coreml.check import input_findings
     from .plan import setting_problems
     from .quality import GateFailure, assess
@@ -73,7 +75,7 @@ def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, p
 
     model.inherited_findings = input_findings(specs[0], str(job.input), warn=warn or _warn)
     try:
-        report = assess(job, recipe, specs, [p.decisions for p in plans])
+        report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir)
     except GateFailure as e:
         write_report(e.report, job, recipe, recipe.report.formats, specs)
         remove_output(job)

@@ -25,13 +25,6 @@ class GateFailure(MlqpipeError):
         self.report = report
 
 
-def _load_data(evaluation):
-    if evaluation is None or evaluation.data is None:
-        return None, None
-    with np.load(evaluation.data, allow_pickle=False) as npz:
-        data = {k: npz[k] for k in npz.files}
-    labels = data.get(evaluation.labels) if evaluation.labels else None
-    return data, labels
 
 
 def _gate(name, threshold, value, passed, detail="", applied=True) -> dict:
@@ -94,17 +87,29 @@ def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_uneva
     return out
 
 
-def assess(job, recipe, specs: list, decisions_by_stage=None) -> dict:
-    """The report of one built model, gates applied. Raises GateFailure when a gate fails."""
-    from .evaluate.compare import evaluate
+def _evaluate(job, specs: list, cache_dir):
+    """The float and the quantized model on the recipe's data (arrays read from the .npz as needed)."""
+    from contextlib import nullcontext
 
+    from .evaluate.compare import DEFAULT_MEMORY_MB, FloatCache, evaluate
+
+    cfg = job.evaluation
+    opened = np.load(cfg.data, allow_pickle=False) if cfg is not None and cfg.data is not None else nullcontext(None)
+    with opened as data:
+        labels = data[cfg.labels] if data is not None and cfg.labels else None
+        samples = (cfg.max_samples if data is not None else cfg.random_inputs) if cfg is not None else None
+        return evaluate(specs[0], specs[-1], data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
+                        memory_mb=(cfg.memory_mb if cfg and cfg.memory_mb else DEFAULT_MEMORY_MB),
+                        cache=FloatCache(cache_dir) if cache_dir else None, what=str(job.input.name))
+
+
+def assess(job, recipe, specs: list, decisions_by_stage=None, cache_dir=None) -> dict:
+    """The report of one built model, gates applied. Raises GateFailure when a gate fails. `cache_dir`: where
+    the float model's outputs on the data are kept between builds (None: not kept)."""
     evaluation = None
     wants_eval = job.evaluation is not None or any(getattr(job.gates, g) is not None for g in EVALUATION_GATES)
     if wants_eval:
-        data, labels = _load_data(job.evaluation)
-        cfg = job.evaluation
-        samples = cfg.random_inputs if cfg is not None and data is None else None
-        evaluation = evaluate(specs[0], specs[-1], data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples)
+        evaluation = _evaluate(job, specs, cache_dir)
     report = build_report(job, recipe, specs, decisions_by_stage, evaluation)
     rule_snr = {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None}
     sizes = (report["totals"]["bytes_before"], report["totals"]["bytes_after"])

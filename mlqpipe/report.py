@@ -8,7 +8,7 @@ JSON format (report_format 1): {report_format, status ("passed" | "failed"), inp
 totals {bytes_before, bytes_after, compression}, specification_version {before, after,
 deployment_target_before, deployment_target_after}, weights [{id, layer, type, field, shape, stage, mode,
 nbits, bytes_before, bytes_after, snr_db, max_abs_error, relative_l2_error, rule}], flags [{id, snr_db,
-hint}], evaluation {evaluated, reason, samples, random_inputs, top1_agreement, accuracy_float,
+hint}], evaluation {evaluated, reason, samples, available_samples, random_inputs, top1_agreement, accuracy_float,
 accuracy_quantized, outputs {name: {relative_l2, max_abs}}} or null, gates [{gate, threshold, value,
 passed, applied, detail}]} — `applied` false: the gate could not be measured (model not evaluated).
 """
@@ -147,7 +147,9 @@ def to_markdown(report: dict) -> str:
     ev = report["evaluation"]
     if ev is not None:
         if ev["evaluated"]:
+            cut = not ev["random_inputs"] and ev.get("available_samples", ev["samples"]) > ev["samples"]
             lines.append(f"Evaluation on {ev['samples']} {'random ' if ev['random_inputs'] else ''}inputs"
+                         + (f" of the {ev['available_samples']} in the data (max_samples)" if cut else "")
                          + (" (random inputs: no evaluation data given)" if ev["random_inputs"] else "") + ":")
             if ev["top1_agreement"] is not None:
                 lines.append(f"- top-1 agreement with the float model: {_fmt(ev['top1_agreement'] * 100)} %")

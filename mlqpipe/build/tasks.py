@@ -381,7 +381,9 @@ def write_output_action(recipe_path, input_path, options_dict):
             for i, stage in enumerate(job.stages)
         ]
         final = CoreMLModel(specs[-1], str(job.input))  # the same bytes, parsed once above (made from the input)
-        report = finish_job(job, recipe, final, specs, _plans(job.stages, decisions))
+        # a read-only (shared) cache is not written: the float outputs are then recomputed each time
+        report = finish_job(job, recipe, final, specs, _plans(job.stages, decisions),
+                            cache_dir=None if options.read_only_cache else options.cache_dir)
     except GateFailure as e:
         return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:

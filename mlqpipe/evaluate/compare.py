@@ -270,7 +270,7 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
         if labels is not None and len(labels) < n:
             raise Unsupported(f"{len(labels)} labels for {n} samples")
         wf, wq = {}, {}
-        size = batch_size(float_spec, features, n, memory_mb, wf)
+        size = batch_size(quant_spec, features, n, memory_mb, wq)  # the quantized model runs in any case
         key = FloatCache.key(float_spec, features, n) if cache is not None else None
         cached = cache.get(key) if cache is not None else None
         floats = [] if cached is None else None

@@ -275,7 +275,8 @@ def _evaluation(raw, base_dir: Path, doc, at, problems, check_files) -> Evaluati
     data = base_dir / raw["data"] if raw.get("data") else None
     if data is not None and check_files and not data.is_file():
         problems.append(doc.problem(at + ("data",), f"evaluation data '{raw['data']}' not found", f"path is relative to {_shown(base_dir)}"))
-    return Evaluation(data, tuple(sorted((raw.get("inputs") or {}).items())), raw.get("labels"), raw.get("random_inputs"), bool(raw.get("allow_unevaluated", False)))
+    return Evaluation(data, tuple(sorted((raw.get("inputs") or {}).items())), raw.get("labels"), raw.get("random_inputs"),
+                      bool(raw.get("allow_unevaluated", False)), raw.get("max_samples"), raw.get("memory_mb"))
 
 
 def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, stages, base_gates, check_files,

@@ -81,6 +81,8 @@ class Evaluation:
     labels: str | None = None
     random_inputs: int | None = None
     allow_unevaluated: bool = False
+    max_samples: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass(frozen=True)
