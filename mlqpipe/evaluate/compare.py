@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,7 +196,7 @@ class FloatCache:
         try:
             with np.load(self._path(key), allow_pickle=False) as z:  # plain arrays only: a shared cache stays data
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
         out = {}
         for k, v in arrays.items():
@@ -203,6 +204,8 @@ class FloatCache:
             if part == "array":
                 out[name] = v
             elif part == "values":
+                if f"{name}.labels" not in arrays:
+                    return None
                 out[name] = Probabilities(arrays[f"{name}.labels"].tolist(), v)
         return out
 
