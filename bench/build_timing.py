@@ -44,7 +44,21 @@ def make_model(seed: int) -> bytes:
         ip.weights.floatValue = (rng.standard_normal(i * o) * 0.05).astype("<f4").tobytes()
         ip.bias.floatValue = (rng.standard_normal(o) * 0.05).astype("<f4").tobytes()
         blob = f"h{j}"
-    return m.SerializeToString()
+    return describe(m, [("x", [64])], [(blob, [10])]).SerializeToString()
+
+
+def describe(m, inputs, outputs):
+    """Declare float32 multi-array inputs and outputs (a model without them breaks Core ML's rules)."""
+    from mlqpipe.coreml.description import FLOAT32, ModelDescription
+
+    desc = ModelDescription()
+    for features, pairs in ((desc.input, inputs), (desc.output, outputs)):
+        for name, shape in pairs:
+            t = features.add(name=name).type.multiArrayType
+            t.shape.extend(shape)
+            t.dataType = FLOAT32
+    m.description = desc.SerializeToString()
+    return m
 
 
 def run(cwd: Path, *args) -> float:

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import mlqpipe  # noqa: E402
-from build_timing import RECIPE, make_model as small_model  # noqa: E402
+from build_timing import RECIPE, describe, make_model as small_model  # noqa: E402
 from mlqpipe.coreml import proto  # noqa: E402
 from mlqpipe.quant.lut import kmeans_lut  # noqa: E402
 from mlqpipe.quant.packing import unpack_bits  # noqa: E402
@@ -55,7 +55,7 @@ def _ip(nn, name, inp, out, ic, oc, seed):
 def innerproduct_model() -> bytes:
     m = proto.Model(specificationVersion=1)
     _ip(m.neuralNetwork, "dense", "x", "y", 1024, 4096, 0)
-    return m.SerializeToString()
+    return describe(m, [("x", [1024])], [("y", [4096])]).SerializeToString()
 
 
 def big_model(mb: int = 50) -> bytes:
@@ -65,7 +65,7 @@ def big_model(mb: int = 50) -> bytes:
     for i in range(n):
         _ip(m.neuralNetwork, f"dense_{i}", blob, f"h{i}", 1024, 1024, 10 + i)
         blob = f"h{i}"
-    return m.SerializeToString()
+    return describe(m, [("x", [1024])], [(blob, [1024])]).SerializeToString()
 
 
 def cnn_model() -> bytes:
@@ -82,7 +82,7 @@ def cnn_model() -> bytes:
         p.bias.floatValue = np.zeros(oc, "<f4").tobytes()
         blob, c = f"c{i}", oc
     _ip(nn, "fc", blob, "y", 256, 10, 200)
-    return m.SerializeToString()
+    return describe(m, [("x", [3, 10, 10])], [("y", [10])]).SerializeToString()
 
 
 def lstm_model() -> bytes:
@@ -96,7 +96,88 @@ def lstm_model() -> bytes:
         getattr(w, g + "WeightMatrix").floatValue = (_rng(300 + i).standard_normal(512 * 256) * 0.05).astype("<f4").tobytes()
         getattr(w, g + "RecursionMatrix").floatValue = (_rng(310 + i).standard_normal(512 * 512) * 0.05).astype("<f4").tobytes()
         getattr(w, g + "BiasVector").floatValue = np.zeros(512, "<f4").tobytes()
-    return m.SerializeToString()
+    layer.output.extend(["h_out", "c_out"])
+    return describe(m, [("x", [256])], [("h", [512])]).SerializeToString()
+
+
+# the evaluator benchmark: a ~31 MB convnet on 3x224x224 inputs (out channels, stride)
+CONVNET = ((64, 1), (128, 2), (256, 2), (512, 2), (512, 2), (512, 1), (512, 2))
+
+
+def convnet_model() -> bytes:
+    """A plain convnet of about 31 MB of float32 weights: 3x3 convolutions ('same' padding, ReLU between),
+    global average pooling and a 1000-way innerProduct."""
+    m = proto.Model(specificationVersion=1)
+    nn = m.neuralNetwork
+    blob, c, size = "image", 3, 224
+    for i, (oc, stride) in enumerate(CONVNET):
+        layer = nn.layers.add(name=f"conv{i}", input=[blob], output=[f"c{i}"])
+        p = layer.convolution
+        p.outputChannels, p.kernelChannels, p.nGroups, p.hasBias = oc, c, 1, True
+        p.kernelSize.extend([3, 3])
+        p.stride.extend([stride, stride])
+        p.same = b""
+        p.weights.floatValue = (_rng(400 + i).standard_normal(oc * c * 9) * np.sqrt(2 / (c * 9))).astype("<f4").tobytes()
+        p.bias.floatValue = (_rng(500 + i).standard_normal(oc) * 0.01).astype("<f4").tobytes()
+        act = nn.layers.add(name=f"relu{i}", input=[f"c{i}"], output=[f"r{i}"])
+        act.activation.ReLU = b""
+        blob, c, size = f"r{i}", oc, -(-size // stride)
+    pool = nn.layers.add(name="gap", input=[blob], output=["pooled"])
+    from mlqpipe.evaluate.messages import LAYER_PARAMS
+
+    pool.pooling = LAYER_PARAMS["pooling"](type=1, globalPooling=True).SerializeToString()
+    _ip(nn, "fc", "pooled", "logits", c, 1000, 600)
+    return describe(m, [("image", [3, 224, 224])], [("logits", [1000])]).SerializeToString()
+
+
+def convnet_numpy(spec_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """The same computation written directly with numpy: pad, im2col by strided views, one float32 matrix
+    product per convolution. Independent of mlqpipe's evaluator (the reference it is timed against)."""
+    spec = proto.Model.FromString(spec_bytes)
+    layers = {layer.name: layer for layer in spec.neuralNetwork.layers}
+    for i, (oc, stride) in enumerate(CONVNET):
+        p = layers[f"conv{i}"].convolution
+        w = np.frombuffer(p.weights.floatValue, "<f4").reshape(oc, -1)
+        n, c, h, _ = x.shape
+        out = -(-h // stride)
+        total = max((out - 1) * stride + 3 - h, 0)
+        x = np.pad(x, ((0, 0), (0, 0), (total // 2, total - total // 2), (total // 2, total - total // 2)))
+        cols = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))[:, :, ::stride, ::stride]  # n c oh ow 3 3
+        cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(n * out * out, c * 9)
+        y = cols @ w.T + np.frombuffer(p.bias.floatValue, "<f4")
+        x = np.maximum(y, 0).reshape(n, out, out, oc).transpose(0, 3, 1, 2)
+    pooled = x.mean(axis=(2, 3))
+    fc = layers["fc"].innerProduct
+    return pooled @ np.frombuffer(fc.weights.floatValue, "<f4").reshape(1000, -1).T + np.frombuffer(fc.bias.floatValue, "<f4")
+
+
+def evaluator_bench(tmp: Path, rep: int, samples: int = 8) -> dict:
+    """mlqpipe's forward pass next to the same computation written directly with numpy (runs alternate),
+    and the peak memory of an evaluation (float and quantized model, 64 inputs) in a fresh process."""
+    from mlqpipe.evaluate.models import run_model
+
+    data = convnet_model()
+    spec = mlqpipe.load_model(data).spec
+    x = _rng(9).uniform(0, 1, (samples, 3, 224, 224)).astype(np.float32)
+    cache: dict = {}
+    ours = run_model(spec, {"image": x}, cache)["logits"]  # warm: weights read once, as in an evaluation
+    ref = convnet_numpy(data, x)
+    error = float(np.linalg.norm(ours.reshape(ref.shape) - ref) / np.linalg.norm(ref))
+    ours_t, ref_t = [], []
+    for _ in range(rep):
+        ours_t.append(median_time(lambda: run_model(spec, {"image": x}, cache), 1))
+        ref_t.append(median_time(lambda: convnet_numpy(data, x), 1))
+    model = tmp / "convnet.mlmodel"
+    model.write_bytes(data)
+    code = (f"import numpy as np, mlqpipe; from mlqpipe.evaluate.compare import evaluate; "
+            f"f = mlqpipe.load_model({str(model)!r}).spec; q = mlqpipe.quantize_weights(f, 8, 'linear').spec; "
+            f"r = evaluate(f, q, None, samples=64, memory_mb=256); assert r.evaluated, r.reason")
+    rss = peak_rss_mb(code)
+    base = peak_rss_mb("import numpy, mlqpipe; from mlqpipe.evaluate.compare import evaluate")
+    return {"model_mb": len(data) / 1e6, "samples": samples, "relative_l2_vs_numpy": error,
+            "mlqpipe_s": statistics.median(ours_t), "numpy_s": statistics.median(ref_t),
+            "ratio": statistics.median(ours_t) / statistics.median(ref_t),
+            "eval_peak_rss_mb": rss, "baseline_rss_mb": base, "eval_memory_mb_setting": 256}
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -251,6 +332,7 @@ def main() -> int:
         results["kmeans"] = km
         results["kmeans_e2e"] = kmeans_end_to_end(ip, tmp / "km_e2e.mlmodel", rep)
         results["build"] = build_bench(tmp / "build", rep)
+        results["evaluator"] = evaluator_bench(tmp, rep)
     results["seconds"] = time.perf_counter() - t_start
     results["targets"] = targets(results)
     report(results, args)
@@ -331,6 +413,15 @@ def targets(r: dict) -> list[dict]:
     target("no-op build after touching every input", b["noop_after_touch_s"], b["noop_after_touch_s"] <= 0.3, "<= 0.3 s")
     target("mlqpipe --help", b["help_s"], b["help_s"] <= 0.15, "<= 0.15 s")
     target("peak memory, 50 MB model (above interpreter baseline)", r["memory"]["multiple"], r["memory"]["multiple"] <= 3, "<= 3x model size")
+    ev = r["evaluator"]
+    target("evaluator forward pass vs the same computation in plain numpy (31 MB convnet, 8 x 3x224x224)", ev["ratio"], ev["ratio"] <= 3, "<= 3x")
+    target("evaluator agrees with the numpy computation (relative L2)", ev["relative_l2_vs_numpy"], ev["relative_l2_vs_numpy"] <= 1e-5, "<= 1e-5")
+    # what an evaluation holds besides one batch: the float and the quantized spec and both models' weights
+    # as float32 (read once, kept across batches) — 4x the model — plus the batch budget and 64 MB of slack
+    allowed = 4 * ev["model_mb"] + ev["eval_memory_mb_setting"] + 64
+    above = ev["eval_peak_rss_mb"] - ev["baseline_rss_mb"]
+    target(f"evaluation peak memory above the interpreter (64 inputs, memory_mb {ev['eval_memory_mb_setting']})", above, above <= allowed,
+           f"<= {allowed:.0f} MB (4x model + memory_mb + 64 MB)")
     return out
 
 
@@ -360,6 +451,12 @@ def report(r: dict, args) -> None:
               f"End to end {_f(ke.get('speedup_vs_sklearn'), 1)}× faster than sklearn's fit alone (medians; runs alternate).", "",
               "## Build, 50 recipes (a fresh process each)", "",
               f"cold {b['cold_s']:.2f} s · no-op {b['noop_s']:.3f} s · no-op after touching every input {b['noop_after_touch_s']:.3f} s · one changed recipe {b['one_changed_s']:.2f} s · `mlqpipe --help` {b['help_s']:.3f} s", ""]
+    ev = r["evaluator"]
+    lines += ["## Evaluator: forward pass of a 31 MB convnet", "",
+              f"{ev['samples']} inputs of 3×224×224: mlqpipe {ev['mlqpipe_s']:.3f} s vs the same computation in plain numpy "
+              f"(im2col + one matmul per convolution) {ev['numpy_s']:.3f} s: {ev['ratio']:.2f}× (relative L2 {ev['relative_l2_vs_numpy']:.1e}).",
+              f"Evaluation of float and 8-bit model on 64 inputs with memory_mb {ev['eval_memory_mb_setting']}: peak RSS {ev['eval_peak_rss_mb']:.0f} MB "
+              f"(interpreter + imports {ev['baseline_rss_mb']:.0f} MB).", ""]
     for x in r.get("other", []):
         lines.append(f"Other: {x['model']} ({x['bytes'] / 1e6:.1f} MB) linear 4-bit end to end {x['linear4_s']:.3f} s")
     lines += ["", "## Targets", "", "| target | value | goal | result |", "|---|---|---|---|"]
