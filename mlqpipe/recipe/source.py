@@ -2,8 +2,8 @@
 
 PyYAML's composer gives nodes with line/column marks; we build plain data from them ourselves, so we can
 refuse duplicate keys (PyYAML silently keeps the last), bound alias expansion (a "billion laughs" document
-would otherwise expand exponentially) and the document size, and record `path -> (line, col)` for errors.
-Only safe YAML: no tags, no Python objects.
+would otherwise expand exponentially), the document size and its nesting depth, and record
+`path -> (line, col)` for errors. Only safe YAML: no tags, no Python objects.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from .problems import Problem, dotted
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: same nodes and marks, faster
 MAX_BYTES = 1 << 20  # 1 MiB of YAML is far more than any recipe needs
 MAX_NODES = 50_000  # after alias expansion
+MAX_DEPTH = 100  # nested mappings/sequences; real recipes use fewer than ten
+_OPEN = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSE = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
 
 @dataclass
@@ -33,6 +36,11 @@ class Source:
 
 class _TooBig(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, node):
+        self.node = node
 
 
 def read_source(path: Path, shown: str) -> tuple[Source, list[Problem]]:
@@ -51,9 +59,14 @@ def read_source(path: Path, shown: str) -> tuple[Source, list[Problem]]:
     except UnicodeDecodeError as e:
         return src, [Problem(shown, 0, 0, "", f"not UTF-8 text (byte {e.start})")]
     try:
+        deep = _first_too_deep(text)
+        if deep is not None:
+            return src, [_depth_problem(shown, deep)]
         node = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if mark and "maximum nesting depth" in str(e.problem):  # libyaml's own limit, met while scanning ahead
+            return src, [_depth_problem(shown, mark)]
         hint = "YAML does not allow tabs for indentation; use spaces" if mark and _tab_near(text, mark) else ""
         msg = f"YAML syntax error: {e.problem or e}" + (f" ({e.context})" if e.context else "")
         return src, [Problem(shown, mark.line + 1 if mark else 0, mark.column + 1 if mark else 0, "", msg, hint)]
@@ -68,7 +81,41 @@ def read_source(path: Path, shown: str) -> tuple[Source, list[Problem]]:
         src.data = _build(node, (), src, problems, budget, constructor)
     except _TooBig:
         return src, [Problem(shown, node.start_mark.line + 1, 1, "", f"document expands to more than {MAX_NODES} values (YAML aliases?)", "do not nest aliases")]
+    except _TooDeep as e:  # within MAX_DEPTH as written, deeper once aliases are expanded
+        return src, [_depth_problem(shown, e.node.start_mark)]
     return src, problems
+
+
+def _first_too_deep(text: str):
+    """The start mark of the first collection nested deeper than MAX_DEPTH, or None.
+
+    Composing is recursive: in PyYAML's Python composer (RecursionError), in its libyaml composer (some
+    releases segfault on 200,000 levels, well under MAX_BYTES; newer ones refuse past 1,000) and in `_build`.
+    The parser's events are produced iteratively, so counting them first makes every allowed PyYAML safe.
+    That costs about a third of reading the recipe, so it is skipped when the text cannot be deep: every
+    mapping or sequence starts at a character of its own (its `[`, `{`, first `-`, or its first key's `?`
+    or `:`), so a text with at most MAX_DEPTH of them cannot nest deeper (true of typical recipes)."""
+    if sum(map(text.count, "[{-?:")) <= MAX_DEPTH:
+        return None
+    loader = _LOADER(text)
+    try:
+        depth = 0
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, _OPEN):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return event.start_mark
+            elif isinstance(event, _CLOSE):
+                depth -= 1
+        return None
+    finally:
+        loader.dispose()
+
+
+def _depth_problem(shown: str, mark) -> Problem:
+    return Problem(shown, mark.line + 1, mark.column + 1, "", f"nested more than {MAX_DEPTH} levels",
+                   "a recipe needs only a few levels; flatten the data (aliases count at the depth they are used)")
 
 
 def _tab_near(text: str, mark) -> bool:
@@ -83,6 +130,8 @@ def _build(node, path, src: Source, problems: list[Problem], budget, constructor
     budget[0] -= 1
     if budget[0] < 0:
         raise _TooBig
+    if len(path) >= MAX_DEPTH and isinstance(node, yaml.CollectionNode):  # only aliases get here
+        raise _TooDeep(node)
     src.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if node.tag == "tag:yaml.org,2002:timestamp":  # an unquoted date is just text in a recipe
         return node.value

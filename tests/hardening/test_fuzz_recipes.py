@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from mlqpipe.errors import RecipeError
 from mlqpipe.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
+from mlqpipe.recipe.source import MAX_DEPTH, read_source
 from tests.conftest import REPO
 
 EXAMPLES = sorted(p.relative_to(REPO / "pipelines") for p in (REPO / "pipelines").rglob("*.yaml"))
@@ -103,3 +104,94 @@ def test_hostile_yaml(project, text):
 @given(st.text(max_size=300))
 def test_random_text(project, text):
     _check(project, project / "random.yaml", text)
+
+
+# Nesting depth: PyYAML's composers and our reader recurse once per level (a RecursionError with PyYAML
+# 6.0.3 at 5,000 levels, a segfault at 200,000), so the reader refuses past MAX_DEPTH itself.
+def _nest(kind: str, n: int) -> str:
+    """`n` nested collections of one kind, as the value of a top-level key (the `description:` line)."""
+    if kind == "flow sequence":
+        return " " + "[" * n + "]" * n + "\n"
+    if kind == "flow mapping":
+        return " " + "{a: " * n + "1" + "}" * n + "\n"
+    if kind == "block sequence":
+        return "\n  " + "- " * n + "x\n"
+    return "\n" + "".join("  " * (i + 1) + "k:\n" for i in range(n - 1)) + "  " * n + "k: 1\n"  # block mapping
+
+
+KINDS = ["flow sequence", "flow mapping", "block sequence", "block mapping"]
+
+
+def _recipe_with_nesting(project: Path, kind: str, depth: int) -> Path:
+    """A valid recipe plus `description:` nested so that the document is `depth` levels deep (the top-level
+    mapping is the first)."""
+    target = project / "pipelines" / "deep.yaml"
+    target.write_text((REPO / "pipelines" / "skip_dense_2.yaml").read_text() + "description:" + _nest(kind, depth - 1))
+    return target
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nesting_at_the_limit_is_read(project, kind):
+    target = _recipe_with_nesting(project, kind, MAX_DEPTH)
+    src, problems = read_source(target, "deep.yaml")
+    assert problems == [] and isinstance(src.data["description"], (list, dict))
+    with pytest.raises(RecipeError) as e:  # the schema's one complaint: a description is text
+        load_recipe(target, project_root=project)
+    (p,) = e.value.problems
+    assert p.path == "description" and p.line >= 1 and "nested" not in p.message
+    target.unlink()
+
+
+# 200,000 levels stay under MAX_BYTES except in block mappings, whose indentation grows with the depth
+PAST_LIMIT = [(k, d) for k in KINDS for d in (MAX_DEPTH + 1, 5000, 200_000) if k != "block mapping" or d < 900]
+
+
+@pytest.mark.parametrize("kind, depth", PAST_LIMIT)
+def test_nesting_past_the_limit_is_one_located_problem(project, kind, depth):
+    target = _recipe_with_nesting(project, kind, depth)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(target, project_root=project)
+    (p,) = e.value.problems
+    assert p.message == f"nested more than {MAX_DEPTH} levels" and p.hint
+    lines = target.read_text().splitlines()
+    assert lines[p.line - 1].lstrip().startswith(("description", "[", "{", "-", "k:")) and p.col >= 1, str(p)
+    if depth == MAX_DEPTH + 1:  # located at the collection that is one too deep
+        assert lines[p.line - 1][p.col - 1] in "[{-k"
+    target.unlink()
+
+
+def test_nesting_through_aliases_is_refused(tmp_path):
+    """Within the limit as written, past it once an alias is expanded inside a deep value."""
+    half = MAX_DEPTH // 2 + 10
+    text = "a: &a " + "[" * half + "1" + "]" * half + "\nb: " + "[" * half + "*a" + "]" * half + "\n"
+    (tmp_path / "alias.yaml").write_text(text)
+    _, problems = read_source(tmp_path / "alias.yaml", "alias.yaml")
+    assert [p.message for p in problems] == [f"nested more than {MAX_DEPTH} levels"] and problems[0].line == 1
+
+
+def _depth(text: str) -> int:
+    deepest = depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        depth += isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        depth -= isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent))
+        deepest = max(deepest, depth)
+    return deepest
+
+
+NESTED = st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=5)),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                      max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(NESTED, st.sampled_from([None, True, False]), st.integers(2, 6))
+def test_every_collection_starts_at_its_own_indicator(data, flow, indent):
+    """The reader skips its depth pass when a text has at most MAX_DEPTH of `[{-?:`: that is sound only if
+    no document nests deeper than it has such characters."""
+    text = yaml.safe_dump(data, default_flow_style=flow, indent=indent)
+    assert _depth(text) <= sum(map(text.count, "[{-?:"))
+
+
+@pytest.mark.parametrize("text", ["- - - x", "[a: [b: [c: 1]]]", "? - a\n: - b\n", "a:\n- b\n- - c\n", "{? a: b}", "- ? - x\n  : y\n"])
+def test_compact_nestings_have_an_indicator_per_level(text):
+    assert _depth(text) <= sum(map(text.count, "[{-?:"))
