@@ -21,6 +21,34 @@ def _umask() -> int:
     return mask
 
 
+def _sweep_stale(path: Path) -> None:
+    """Remove temporaries of `path` left by writers that were killed (their pid is in the name and the
+    process is gone); a live writer's temporary (a concurrent build) is left alone."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we cannot tell: keep its file
+    return True
+
+
 def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
     """Write to a temporary file beside `path`, then rename it into place: readers, and a build killed at
     any point, never see a partial file. Flushing to disk before the rename (`fsync`, or MLQPIPE_FSYNC=1)
@@ -30,7 +58,8 @@ def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
         fsync = os.environ.get("MLQPIPE_FSYNC", "") not in ("", "0")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get what a normally created file gets
         with os.fdopen(fd, "wb") as f:

@@ -56,3 +56,18 @@ def test_save_refuses_to_overwrite_the_file_it_was_loaded_from(tmp_path):
     q.save(tmp_path / "q.mlmodel")
     q.save(src, overwrite=True)
     assert src.read_bytes() == (tmp_path / "q.mlmodel").read_bytes() != original
+
+
+def test_temporaries_of_killed_writers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".m.bin.{dead}.abc123.tmp"
+    live = tmp_path / f".m.bin.{os.getpid()}.def456.tmp"  # a concurrent writer (this process): kept
+    other = tmp_path / f".n.bin.{dead}.abc123.tmp"  # another file's temporary: not this write's business
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    atomic_write(tmp_path / "m.bin", b"whole")
+    assert (tmp_path / "m.bin").read_bytes() == b"whole"
+    assert not stale.exists() and live.exists() and other.exists()
