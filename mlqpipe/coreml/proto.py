@@ -395,10 +395,11 @@ _SCALARS = {
     "uint64": descriptor_pb2.FieldDescriptorProto.TYPE_UINT64,
     "bool": descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
     "float": descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
+    "double": descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
     "string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
     "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
 }
-_PACKABLE = {"int32", "int64", "uint64", "bool", "float"}
+_PACKABLE = {"int32", "int64", "uint64", "bool", "float", "double"}
 
 
 def _layer_lines() -> str:

@@ -274,6 +274,8 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
             raise Unsupported(f"{len(labels)} labels for {n} samples")
         wf, wq = {}, {}
         size = batch_size(quant_spec, features, n, memory_mb, wq)  # the quantized model runs in any case
+        if cache is not None and any(np.asarray(v).dtype == object for v in features.values()):
+            cache = None  # Python objects (dictionary inputs from the API) have no stable bytes to key on
         key = FloatCache.key(float_spec, features, n) if cache is not None else None
         cached = cache.get(key) if cache is not None else None
         floats = [] if cached is None else None
