@@ -12,6 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Hypothesis: deterministic in CI (the same examples every run, so a red CI is reproducible); random locally,
+# where new examples are the point. MLQPIPE_HYPOTHESIS=ci|dev picks one explicitly.
+from hypothesis import settings as _hypothesis_settings
+
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("dev")
+_hypothesis_settings.load_profile(os.environ.get("MLQPIPE_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "dev"))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
 COREML_VALIDATE = REPO.parent / "shared" / "tools" / "coreml-validate"
