@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    from .errors import MlqpipeError
+    from .errors import GateFailure, MlqpipeError
 
     try:
         return args.run(args)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return EXIT_BROKEN_PIPE
     except MlqpipeError as e:
-        if type(e).__name__ == "GateFailure":  # a quality finding, not bad input
+        if isinstance(e, GateFailure):  # a quality finding, not bad input
             print(f"mlqpipe: {e}", file=sys.stderr)
             return EXIT_FINDINGS
         print(f"mlqpipe: error: {e}", file=sys.stderr)

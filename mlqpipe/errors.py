@@ -19,6 +19,14 @@ class CheckError(ModelError):
         self.findings = list(findings)
 
 
+class GateFailure(MlqpipeError):
+    """A quality gate failed (a finding, exit status 1 — not bad input); `report` is the failed report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 class RecipeError(MlqpipeError, ValueError):
     """An invalid recipe; `problems` lists every located problem."""
 

@@ -10,19 +10,11 @@ import math
 
 import numpy as np
 
-from .errors import MlqpipeError
+from .errors import GateFailure  # raised here; defined with the other errors (the CLI tells findings from bad input)
 from .report import build_report, set_gates
 
 EVALUATION_GATES = ("min_top1_agreement", "max_output_error", "max_accuracy_drop", "min_accuracy")
 _EPS = 1e-9  # accuracies are fractions k/n: compare differences of them with a little slack for rounding
-
-
-class GateFailure(MlqpipeError):
-    """A quality gate failed; `report` is the (failed) report."""
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 

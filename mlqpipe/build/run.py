@@ -124,9 +124,9 @@ def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
     outs, recipes = set(), set()
     for task in _tasks(options):
         if task.get("basename") == "mlqpipe-lock":
-            recipes = set(task["actions"][0][1][1])
+            recipes = set(task["meta"]["mlqpipe"]["recipes"])
         if task.get("basename", "").endswith("/output"):
-            outs.add(Path(os.path.relpath(task["targets"][0])).as_posix())
+            outs.add(Path(os.path.relpath(task["meta"]["mlqpipe"]["output"])).as_posix())
     return outs, recipes
 
 
@@ -173,23 +173,32 @@ def _stale_file(options: BuildOptions) -> Path:
 
 
 def _dry_run(options: BuildOptions) -> int:
-    import contextlib
-    import io
+    """What a build would rebuild, asked of doit's own dependency state (read only: nothing is written)."""
+    import copy
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        status = _doit(["list", "--all", "--status"], options)
-    rebuild = []
-    for line in buf.getvalue().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("R", "I") and parts[1].endswith("/output"):
-            rebuild.append(parts[1])
+    from doit.control import TaskControl
+    from doit.dependency import Dependency, SqliteDB
+    from doit.loader import generate_tasks
+
+    tasks = _tasks(options)
+    if any(t.get("basename") == "mlqpipe-invalid-recipes" for t in tasks):
+        status = _doit(["run"], options)  # prints the located problems
+        return 2 if status else 0
+    control = TaskControl(generate_tasks("mlqpipe", (copy.deepcopy(t) for t in tasks)))
+    dep_file = Path(options.state_dir) / "doit.sqlite3"
+    outputs = [name for name in control.tasks if name.endswith("/output")]
+    if dep_file.exists():
+        dep = Dependency(SqliteDB, str(dep_file))  # never closed: closing writes the state back
+        rebuild = [n for n in outputs if dep.status_is_ignore(control.tasks[n])
+                   or dep.get_status(control.tasks[n], control.tasks).status != "up-to-date"]
+    else:
+        rebuild = outputs
     for name in rebuild:
         print(f"would rebuild {name.removeprefix('mlqpipe/').removesuffix('/output')} (inputs, recipe or versions changed, or output missing)")
     print(f"{len(rebuild)} output(s) would be rebuilt")
     for path in _stale_outputs(options):
         print(f"stale: {path} (no recipe produces it any more; --prune removes it)")
-    return 0 if status == 0 else 2
+    return 0
 
 
 def _events(options: BuildOptions) -> list[dict]:
@@ -217,7 +226,8 @@ def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
             continue
         prefix = name[: -len("output")]
         mine = [seen.get(n) for n in seen if n.startswith(prefix)]
-        recipe_path, input_path = task["actions"][0][1][:2]
+        meta = task["meta"]["mlqpipe"]
+        recipe_path, input_path = meta["recipe"], meta["input"]
         if "failed" in mine:
             build = "failed"
         elif seen.get(name) == "ran":
@@ -226,10 +236,10 @@ def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
             build = "up to date"
         else:
             build = "not run"
-        json_report = next((t for t in task["targets"] if t.endswith(".report.json")), None)
+        json_report = meta["json_report"]
         report = report_of(json_report) if json_report and build != "not run" else None
         status = "FAILED" if build == "failed" else ("-" if build == "not run" else (report or {}).get("status", "passed"))
-        rows.append({"output": Path(os.path.relpath(task["targets"][0])).as_posix(), "build": build, "status": status, "report": report})
+        rows.append({"output": Path(os.path.relpath(meta["output"])).as_posix(), "build": build, "status": status, "report": report})
     return rows
 
 

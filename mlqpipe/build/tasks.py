@@ -96,7 +96,7 @@ def load_for_build(recipe_path, options: BuildOptions):
 def stage_configs(recipe, job, options: BuildOptions) -> list[dict]:
     """What determines each stage's bytes, as written in the recipe: the stage (with per-model overrides),
     the rules it applies, custom code's source, and the versions and salt. Names and comments do not count."""
-    from ..recipe.custom import _locate
+    from ..recipe.custom import locate
 
     configs = []
     rules_doc = recipe.document.get("rules") or {}
@@ -104,7 +104,7 @@ def stage_configs(recipe, job, options: BuildOptions) -> list[dict]:
         code = {}
         refs = [stage.function] + [recipe.rule(r).python for r in stage.rules]
         for ref in filter(None, refs):
-            spec = _locate(ref.partition(":")[0], recipe.python_path)
+            spec = locate(ref.partition(":")[0], recipe.python_path)
             origin = spec.origin if spec and spec.origin and os.path.isfile(spec.origin) else None
             code[ref] = hashlib.sha256(Path(origin).read_bytes()).hexdigest() if origin else None
         stage_doc = {k: v for k, v in asdict(stage).items() if k != "name"}
@@ -193,6 +193,7 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
             # recipes: a change to one model's settings refreshes the recorded recipe digest of every output
             "file_dep": [o for _, o in outputs] + sorted({str(f) for r in recipes for f in r.files}),
             "targets": [options.lock_file],
+            "meta": {"mlqpipe": {"outputs": [o for _, o in outputs], "recipes": [Path(_rel(r.path)).as_posix() for r in recipes]}},
             "uptodate": [config_changed({"kernel": KERNEL_VERSION, "outputs": [o for _, o in outputs]})],
             "doc": "record inputs, recipe, stage keys and output digests of every output",
             "clean": True,
@@ -226,6 +227,8 @@ def _job_tasks(recipe, job, options: BuildOptions):
         "file_dep": [str(job.input)] + evaluation_files,
         "task_dep": [previous] if previous else [],
         "targets": [str(job.output)] + reports,
+        "meta": {"mlqpipe": {"recipe": str(recipe.path), "input": str(job.input), "output": str(job.output),
+                             "json_report": next((r for r in reports if r.endswith(".report.json")), None)}},
         "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output), "quality": _quality_config(recipe, job),
                                      "lock_format": LOCK_FORMAT})],  # a new lock format re-records every output once
         "clean": True,

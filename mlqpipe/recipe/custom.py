@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import RecipeError
 
 
-def _locate(module: str, search_path) -> importlib.machinery.ModuleSpec | None:
+def locate(module: str, search_path) -> importlib.machinery.ModuleSpec | None:
+    """Where `module` would be imported from on `search_path`, found without running any code."""
     parts = module.split(".")
     path = [str(p) for p in search_path]
     spec = None
@@ -32,7 +33,7 @@ def _locate(module: str, search_path) -> importlib.machinery.ModuleSpec | None:
 def find_code(ref: str, search_path) -> str | None:
     """None when `module:attr` can be found without importing it; else what is wrong."""
     module, _, attr = ref.partition(":")
-    spec = _locate(module, search_path)
+    spec = locate(module, search_path)
     if spec is None:
         return f"custom code '{ref}': module '{module}' not found"
     origin = spec.origin
@@ -69,7 +70,7 @@ def load_code(ref: str, search_path, *, allow=True):
     if allow is not True and not any(module == m or module.startswith(m + ".") for m in allow):
         raise RecipeError(f"custom code '{ref}': module '{module}' is not in the allow-list ({', '.join(allow) or 'empty'}); "
                           "add it with --custom-code-allow if you trust it")
-    spec = _locate(module, search_path)
+    spec = locate(module, search_path)
     if spec is None:
         raise RecipeError(f"custom code '{ref}': module '{module}' not found on {', '.join(map(str, search_path))}")
     loaded = sys.modules.get(module)
