@@ -73,10 +73,20 @@ def small_model(dtype="<f4") -> "proto.Model":
 
 
 def deconvolution_model():
-    """A one-layer deconvolution model with a declared input and output (the evaluator does not run it)."""
+    """A one-layer deconvolution model with a declared input and output."""
     m = model()
     add_conv(network(m), "up", "x", "y", oc=2, kc=2, k=2, deconv=True, seed=3)
     return describe(m, [("x", [2, 4, 4])], [("y", [2, 5, 5])])
+
+
+def unevaluable_model():
+    """innerProduct -> a custom layer: quantizable weights, and a layer type mlqpipe's evaluator cannot run
+    (its computation lives in the app), so evaluating it always reports "not evaluated"."""
+    m = model(version=3)  # custom layers need specification 3
+    nn = network(m)
+    add_inner_product(nn, "dense", "x", "h", ic=4, oc=3, seed=3)
+    nn.layers.add(name="custom", input=["h"], output=["y"]).custom.className = "AppLayer"
+    return describe(m, [("x", [4])], [("y", [3])])
 
 
 FLOAT32_ARRAY = 65568  # ArrayFeatureType.FLOAT32

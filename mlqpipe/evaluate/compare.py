@@ -21,7 +21,7 @@ from ..coreml.description import read_description
 from .context import Unsupported
 from .models import Probabilities, run_model
 
-EVALUATOR_VERSION = 2  # bump when evaluation results change: invalidates cached float outputs
+EVALUATOR_VERSION = 3  # bump when evaluation results change: invalidates cached float outputs
 DEFAULT_MEMORY_MB = 512  # activations of one batch (weights come on top: about the float model's size)
 PROGRESS_AFTER_S = 2.0
 CLASSIFIERS = ("neuralNetworkClassifier", "pipelineClassifier")

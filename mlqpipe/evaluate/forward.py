@@ -16,8 +16,10 @@ from ..coreml.inventory import layer_records
 from ..coreml.weights import holds_values
 from .context import Ctx, Unsupported
 from .layers_classic import LAYERS as CLASSIC
+from .layers_nd import LAYERS as ND
 from .layers_recurrent import LAYERS as RECURRENT
 from .messages import LAYER_PARAMS
+from .messages_nd import LAYER_PARAMS as ND_PARAMS
 
 ND_LAYOUT = 1  # NeuralNetwork.arrayInputShapeMapping / imageInputShapeMapping: EXACT_ARRAY / RANK4_IMAGE
 
@@ -28,7 +30,7 @@ def _control_layers() -> dict:
 
 def _families() -> dict:
     """Every family's table, merged; a type claimed twice is a programming error."""
-    tables = [CLASSIC, RECURRENT, _control_layers()]
+    tables = [CLASSIC, RECURRENT, ND, _control_layers()]
     merged: dict = {}
     for table in tables:
         twice = set(merged) & set(table)
@@ -73,7 +75,7 @@ def _read_weights(model_path, net_path, network, layer, model_spec, channels: in
 def _params(layer, kind):
     params = getattr(layer, kind)
     if isinstance(params, bytes):
-        cls = LAYER_PARAMS.get(kind)
+        cls = LAYER_PARAMS.get(kind) or ND_PARAMS.get(kind)
         if cls is None:
             raise Unsupported(f"layer '{layer.name}' of type {kind} is not implemented by mlqpipe's evaluator")
         params = cls.FromString(params)
@@ -152,52 +154,79 @@ def _reads_of(layer) -> set[str]:
     return set(layer.input) | _nested_reads(layer)
 
 
-# --- control flow: sub-networks see the enclosing blobs and write into them; samples may take different
-# paths, so they run one at a time (control flow is rare in converted models; correctness first) ---------
+# --- control flow (NeuralNetwork.proto): sub-networks see the enclosing blobs and write into them. Samples may
+# take different paths, so each runs alone (control flow is rare in converted models; correctness first) ---------
 
 
 def _samples(scope: dict) -> int:
     return next(iter(scope.values())).shape[0] if scope else 1
 
 
+def _written(before: dict, after: dict) -> dict:
+    """The blobs of `after` that are new or rewritten (copy) relative to `before`."""
+    return {k: v for k, v in after.items() if before.get(k) is not v}
+
+
 def _per_sample(ctx: Ctx, step) -> dict:
-    """Run `step(sample_scope) -> dict of new blobs` for each sample alone; stack what every sample wrote."""
+    """Run `step(sample_scope) -> blobs written` for each sample alone and stack the results. An enclosing blob
+    that only some samples rewrote keeps its old value in the others; a new blob that only some samples wrote
+    (a branch taken by some) stays undefined, as Core ML's validator allows no later reader for it."""
     n = _samples(ctx.scope)
-    results = []
-    for s in range(n):
-        one = {k: v[s : s + 1] for k, v in ctx.scope.items()}
-        results.append(step(one))
-    names = set(results[0]) if results else set()
-    for r in results[1:]:
-        names &= set(r)
+    scopes = [{k: v[s : s + 1] for k, v in ctx.scope.items()} for s in range(n)]
+    results = [step(one) for one in scopes]
     out = {}
-    for name in names:
-        parts = [r[name] for r in results]
+    for name in set().union(*results):
+        if name in ctx.scope:
+            parts = [r.get(name, one[name]) for r, one in zip(results, scopes)]
+        elif all(name in r for r in results):
+            parts = [r[name] for r in results]
+        else:
+            continue
         if len({p.shape for p in parts}) != 1:
             raise ctx.unsupported(f"blob '{name}' whose shape differs between samples after control flow")
         out[name] = np.concatenate(parts, axis=0)
     return out
 
 
-def _condition(ctx: Ctx, value) -> bool:
+CONDITION_EPSILON = 1e-6  # branch: |condition| > 1e-6 runs ifBranch, below it elseBranch
+
+
+def _scalar(ctx: Ctx, value, what: str) -> float:
     if value is None:
-        raise Unsupported(f"layer '{ctx.name}': condition blob is not available")
-    return bool(np.asarray(value).reshape(-1)[0] != 0)
+        raise ctx.unsupported(f"{what} blob that is not available")
+    v = np.asarray(value).reshape(-1)
+    if v.size != 1:
+        raise ctx.unsupported(f"a {what} with {v.size} values (Core ML requires a scalar)")
+    if not np.isfinite(v[0]):
+        raise ctx.unsupported(f"a {what} of {v[0]}")
+    return float(v[0])
+
+
+def _condition(ctx: Ctx, value, *, loop: bool) -> bool:
+    """A branch condition is true above 1e-6 in magnitude (documented). For loops the proto only says a value
+    close to 0 is false: 0 is false, above 1e-6 true, and anything in between is refused rather than guessed."""
+    c = abs(_scalar(ctx, value, "condition"))
+    if c > CONDITION_EPSILON or not loop or c == 0:
+        return c > CONDITION_EPSILON
+    raise ctx.unsupported(f"a loop condition of {c:g}, between 0 and 1e-6 (whether it counts as 0 is not documented)")
 
 
 def _branch(ctx: Ctx, ins):
     p = ctx.params
+    if len(ctx.layer.input) != 1:
+        raise ctx.unsupported(f"a branch with {len(ctx.layer.input)} inputs (Core ML requires the condition)")
 
     def step(scope):
-        taken = p.ifBranch if _condition(ctx, scope.get(ctx.layer.input[0])) else p.elseBranch
-        before = set(scope)
-        blobs = ctx.run_network(taken, scope, f"{ctx.net_path}{ctx.name}.{'ifBranch' if taken is p.ifBranch else 'elseBranch'}/")
-        return {k: v for k, v in blobs.items() if k not in before or v is not scope.get(k)}
+        taken = "ifBranch" if _condition(ctx, scope.get(ctx.layer.input[0]), loop=False) else "elseBranch"
+        network = getattr(p, taken)
+        if not network.layers:  # no elseBranch: nothing runs
+            return {}
+        return _written(scope, ctx.run_network(network, scope, f"{ctx.net_path}{ctx.name}.{taken}/"))
 
     return _per_sample(ctx, step)
 
 
-MAX_LOOP_ITERATIONS = 100_000
+MAX_LOOP_ITERATIONS = 100_000  # a loop still running after this many iterations is refused, not run for hours
 
 
 class _LoopControl(Exception):
@@ -208,46 +237,75 @@ class _LoopControl(Exception):
         self.kind, self.blobs = kind, blobs
 
 
-def _loop_break(ctx: Ctx, ins):
-    raise _LoopControl("break", dict(ctx.scope))
+def _loop_control(kind: str):
+    def layer(ctx: Ctx, ins):
+        if ".bodyNetwork/" not in ctx.net_path:  # Core ML's validator requires a loop body around it
+            raise ctx.unsupported(f"loop{kind.title()} outside a loop body")
+        raise _LoopControl(kind, dict(ctx.scope))
+
+    return layer
 
 
-def _loop_continue(ctx: Ctx, ins):
-    raise _LoopControl("continue", dict(ctx.scope))
+_loop_break = _loop_control("break")
+_loop_continue = _loop_control("continue")
+
+
+def _loop_count(ctx: Ctx, scope: dict) -> int | None:
+    """The iteration limit: the input when present (maxLoopIterations is then ignored), else
+    maxLoopIterations; None for a pure while loop (a condition network, no input, maxLoopIterations 0)."""
+    p = ctx.params
+    if ctx.layer.input:
+        n = _scalar(ctx, scope.get(ctx.layer.input[0]), "loop count")
+        if n != int(n) or n < 0:
+            raise ctx.unsupported(f"a loop count of {n:g} (not a whole number >= 0)")
+        return int(n)
+    if p.maxLoopIterations or not p.conditionVar:
+        return int(p.maxLoopIterations)
+    return None
 
 
 def _loop(ctx: Ctx, ins):
+    """for i < count: body, or (with a condition network) cond = condition(); while cond [and i < count]:
+    body; cond = condition(). The condition network runs once more after the last body, so its blobs
+    describe the final state; loopBreak skips that."""
     p = ctx.params
+    path = f"{ctx.net_path}{ctx.name}."
 
     def step(scope):
-        scope = dict(scope)
-        before = set(scope)
-        limit = int(p.maxLoopIterations) or MAX_LOOP_ITERATIONS
-        if ctx.layer.input:  # an input gives the iteration count
-            limit = min(limit, int(np.asarray(scope[ctx.layer.input[0]]).reshape(-1)[0]))
-        for _ in range(limit):
+        blobs = dict(scope)
+        limit = _loop_count(ctx, blobs)
+
+        def go() -> bool:
+            if not p.conditionVar:
+                return True
             if p.conditionNetwork.layers:
-                scope.update(ctx.run_network(p.conditionNetwork, scope, f"{ctx.net_path}{ctx.name}.conditionNetwork/"))
-                if not _condition(ctx, scope.get(p.conditionVar)):
-                    break
-            elif p.conditionVar and not _condition(ctx, scope.get(p.conditionVar)):
-                break
-            try:
-                scope.update(ctx.run_network(p.bodyNetwork, scope, f"{ctx.net_path}{ctx.name}.bodyNetwork/"))
-            except _LoopControl as c:
-                scope.update(c.blobs)
-                if c.kind == "break":
-                    break
-        else:
-            if not ctx.layer.input and not p.maxLoopIterations:
+                blobs.update(ctx.run_network(p.conditionNetwork, blobs, f"{path}conditionNetwork/"))
+            return _condition(ctx, blobs.get(p.conditionVar), loop=True)
+
+        done = 0
+        running = go()
+        while running and (limit is None or done < limit):
+            if done >= MAX_LOOP_ITERATIONS:
                 raise ctx.unsupported(f"a loop still running after {MAX_LOOP_ITERATIONS} iterations")
-        return {k: v for k, v in scope.items() if k not in before or v is not ctx.scope.get(k)}
+            try:
+                blobs.update(ctx.run_network(p.bodyNetwork, blobs, f"{path}bodyNetwork/"))
+            except _LoopControl as control:
+                blobs.update(control.blobs)
+                if control.kind == "break":
+                    break
+            done += 1
+            running = go()
+        return _written(scope, blobs)
 
     return _per_sample(ctx, step)
 
 
 def _copy(ctx: Ctx, ins):
-    return ins[0].copy()
+    """The one layer allowed to rewrite an existing blob (loop bodies and branches update enclosing blobs with
+    it); a real copy, so the two names never share a buffer."""
+    if len(ins) != 1 or len(ctx.layer.output) != 1:
+        raise ctx.unsupported("a copy without exactly one input and one output")
+    return np.array(ins[0], dtype=np.float32)
 
 
 LAYERS = _families()  # after the control-flow functions it names

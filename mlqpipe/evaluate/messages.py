@@ -96,10 +96,95 @@ message Int64Vector
 
 message Empty
   1 unused bool
+
+message ValidCompletePadding
+  10 paddingAmounts uint64 repeated
+
+message PaddingConstant
+  1 value float
+
+message PaddingLayerParams
+  oneof PaddingType
+    1 constant PaddingConstant
+    2 reflection bytes
+    3 replication bytes
+  10 paddingAmounts BorderAmounts
+
+message CropLayerParams
+  1 cropAmounts BorderAmounts
+  5 offset uint64 repeated
+
+message SamplingMode
+  1 samplingMethod int32
+
+message BoxCoordinatesMode
+  1 boxMode int32
+
+message UpsampleLayerParams
+  1 scalingFactor uint64 repeated
+  5 mode int32
+  6 linearUpsampleMode int32
+  7 fractionalScalingFactor float repeated
+
+message ResizeBilinearLayerParams
+  1 targetSize uint64 repeated
+  2 mode SamplingMode
+
+message CropResizeLayerParams
+  1 targetSize uint64 repeated
+  2 normalizedCoordinates bool
+  3 mode SamplingMode
+  4 boxIndicesMode BoxCoordinatesMode
+  5 spatialScale float
+
+message LRNLayerParams
+  1 alpha float
+  2 beta float
+  3 localSize uint64
+  4 k float
+
+message MeanVarianceNormalizeLayerParams
+  1 acrossChannels bool
+  2 normalizeVariance bool
+  3 epsilon float
+
+message L2NormalizeLayerParams
+  1 epsilon float
+
+message ReorganizeDataLayerParams
+  1 mode int32
+  2 blockSize uint64
+
+message SequenceRepeatLayerParams
+  1 nRepetitions uint64
+
+message SplitLayerParams
+  1 nOutputs uint64
+
+message SliceLayerParams
+  1 startIndex int64
+  2 endIndex int64
+  3 stride uint64
+  4 axis int32
+
+message DotProductLayerParams
+  1 cosineSimilarity bool
+
+message UnaryFunctionLayerParams
+  1 type int32
+  2 alpha float
+  3 epsilon float
+  4 shift float
+  5 scale float
+
+message ReduceLayerParams
+  1 mode int32
+  2 epsilon float
+  3 axis int32
 """
 
 _C = build_messages(_SCHEMA, "mlqpipe.evaluate")
-ValidPadding, SamePadding = _C["ValidPadding"], _C["SamePadding"]
+ValidPadding, SamePadding, ValidCompletePadding = _C["ValidPadding"], _C["SamePadding"], _C["ValidCompletePadding"]
 Preprocessing, StringVector, Int64Vector = _C["Preprocessing"], _C["StringVector"], _C["Int64Vector"]
 LAYER_PARAMS = {
     "pooling": _C["PoolingLayerParams"],
@@ -110,10 +195,25 @@ LAYER_PARAMS = {
     "add": _C["AddLayerParams"],
     "multiply": _C["MultiplyLayerParams"],
     "softmax": _C["SoftmaxLayerParams"],
+    "padding": _C["PaddingLayerParams"],
+    "crop": _C["CropLayerParams"],
+    "upsample": _C["UpsampleLayerParams"],
+    "resizeBilinear": _C["ResizeBilinearLayerParams"],
+    "cropResize": _C["CropResizeLayerParams"],
+    "lrn": _C["LRNLayerParams"],
+    "mvn": _C["MeanVarianceNormalizeLayerParams"],
+    "l2normalize": _C["L2NormalizeLayerParams"],
+    "reorganizeData": _C["ReorganizeDataLayerParams"],
+    "sequenceRepeat": _C["SequenceRepeatLayerParams"],
+    "split": _C["SplitLayerParams"],
+    "slice": _C["SliceLayerParams"],
+    "dot": _C["DotProductLayerParams"],
+    "unary": _C["UnaryFunctionLayerParams"],
+    "reduce": _C["ReduceLayerParams"],
 }
 
 
-for _kind in ("copy", "loopBreak", "loopContinue"):  # parameterless layers
+for _kind in ("copy", "loopBreak", "loopContinue", "average", "max", "min"):  # parameterless layers
     LAYER_PARAMS[_kind] = _C["Empty"]
 
 
@@ -122,12 +222,17 @@ def activation_kind(raw: bytes) -> str | None:
     return _C["ActivationKinds"].FromString(raw).WhichOneof("NonlinearityType")
 
 
+_ALPHA_BETA = {"linear", "leakyReLU", "thresholdedReLU", "scaledTanh", "sigmoidHard", "ELU"}
+
+
 def activation_params(p, kind: str) -> dict:
-    """alpha / beta of an activation: `p` is an ActivationParams message or its bytes."""
+    """alpha / beta of an activation: `p` is an ActivationParams message (sub-messages as bytes) or its
+    bytes (parsed as ActivationKinds, sub-messages typed); {} for kinds without them."""
+    if kind not in _ALPHA_BETA:
+        return {}
     if isinstance(p, bytes):
         p = _C["ActivationKinds"].FromString(p)
-    raw = getattr(p, kind)
-    if not isinstance(raw, bytes):
-        return {}
-    msg = _C["AlphaBeta"].FromString(raw)
+    msg = getattr(p, kind)
+    if isinstance(msg, bytes):
+        msg = _C["AlphaBeta"].FromString(msg)
     return {"alpha": msg.alpha, "beta": msg.beta}

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mlqpipe.cli import main
-from tests.builders import deconvolution_model
+from tests.builders import unevaluable_model
 from tests.conftest import REPO
 
 DEMO = REPO / "pipelines" / "demo"
@@ -72,10 +72,10 @@ def test_rule_snr_gate(work, capsys):
 
 
 def test_unevaluable_model_fails_unless_allowed(work, capsys):
-    m = deconvolution_model()
-    (work / "deconv.mlmodel").write_bytes(m.SerializeToString())
+    m = unevaluable_model()
+    (work / "custom.mlmodel").write_bytes(m.SerializeToString())
     text = """version: 1
-models: [{{input: deconv.mlmodel, output: 'out/{{stem}}.mlmodel', evaluation: {{random_inputs: 4{allow}}}}}]
+models: [{{input: custom.mlmodel, output: 'out/{{stem}}.mlmodel', evaluation: {{random_inputs: 4{allow}}}}}]
 rules: {{all: {{}}}}
 stages: [{{name: q, mode: linear, nbits: 8, rules: [all]}}]
 gates: {{max_output_error: 0.1}}
@@ -84,15 +84,15 @@ gates: {{max_output_error: 0.1}}
     assert main(["quantize", "r.yaml"]) == 1
     err = capsys.readouterr().err
     assert "max_output_error (threshold 0.1, got not evaluated): not applied: not evaluated" in err
-    assert "layer 'up'" in err and "allow_unevaluated" in err
+    assert "layer 'custom'" in err and "allow_unevaluated" in err
     (work / "r.yaml").write_text(text.format(allow=", allow_unevaluated: true"))
     assert main(["quantize", "r.yaml"]) == 0
     assert "max_output_error - <= 0.1 not applied" in capsys.readouterr().out  # in the summary table too
-    report = json.loads((work / "out/deconv.report.json").read_text())
+    report = json.loads((work / "out/custom.report.json").read_text())
     assert report["evaluation"]["evaluated"] is False and report["status"] == "passed"
     # the gate that could not be applied stays in the table, marked as such
     assert [(g["gate"], g["applied"], g["passed"]) for g in report["gates"]] == [("max_output_error", False, True)]
-    assert "| max_output_error | 0.1 | not evaluated | not applied:" in (work / "out/deconv.report.md").read_text()
+    assert "| max_output_error | 0.1 | not evaluated | not applied:" in (work / "out/custom.report.md").read_text()
 
 
 def test_random_inputs_are_marked(work, capsys):
