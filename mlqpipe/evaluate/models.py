@@ -99,6 +99,9 @@ def _image_blob(array: np.ndarray, feature, nn, nd: bool) -> np.ndarray:
 def _array_blob(array: np.ndarray, shape: list[int], name: str, nd: bool) -> np.ndarray:
     a = np.asarray(array, dtype=np.float32)
     n = a.shape[0]
+    if not nd and len(shape) in (1, 3) and a.ndim == len(shape) + 2 and list(a.shape[2:]) == list(shape):
+        # a sequence per sample, (N, S, *shape): Core ML feeds a rank-5 network [S, 1, C, H, W]
+        return a.reshape(n, a.shape[1], *(shape if len(shape) == 3 else [shape[0], 1, 1]))
     if list(a.shape[1:]) != list(shape) and int(np.prod(a.shape[1:])) == int(np.prod(shape)):
         a = a.reshape(n, *shape)  # same values per sample, laid out row-major as the model declares
     if list(a.shape[1:]) != list(shape):

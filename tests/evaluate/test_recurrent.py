@@ -290,3 +290,28 @@ def test_recurrent_activations_with_undocumented_parameters_are_not_evaluated(tm
     edit(b.spec.neuralNetwork.layers[-1].simpleRecurrent)
     with pytest.raises(Unsupported, match=why):
         _run(b, tmp_path, {"x_flat": np.zeros((1, S * I), np.float32)})
+
+
+def test_sequence_data_for_a_rank1_input_reaches_an_lstm():
+    """Sequence data (N, S, C) for a model input declared [C]: Core ML runs it as S steps."""
+    import numpy as np
+
+    from tests.evaluate import harness
+
+    b = harness.builder([("x", (4,))], [("y", None)], nd=False)
+    rng = np.random.default_rng(3)
+    W = [rng.standard_normal((5, 4)).astype(np.float32) * 0.3 for _ in range(4)]
+    R = [rng.standard_normal((5, 5)).astype(np.float32) * 0.3 for _ in range(4)]
+    b.add_unilstm("lstm", R, W, None, 5, 4, ["x", "h0", "c0"], ["y", "h1", "c1"], output_all=True)
+    x = rng.standard_normal((2, 6, 4)).astype(np.float32)  # 2 samples of 6 steps
+    out = harness.run(b, {"x": x})
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    ref = np.zeros((2, 6, 5), np.float32)
+    for s in range(2):
+        h = c = np.zeros(5, np.float32)
+        for t in range(6):
+            i, f, o, z = (W[g] @ x[s, t] + R[g] @ h for g in range(4))  # the builder's gate order
+            c = sig(f) * c + sig(i) * np.tanh(z)
+            h = sig(o) * np.tanh(c)
+            ref[s, t] = h
+    harness.assert_close(out["y"].reshape(2, 6, 5), ref)
