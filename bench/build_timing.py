@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlqpipe.coreml import proto
+from mlqpipe.formats.nn import proto
 
 N = 50
 RECIPE = """version: 1
@@ -49,7 +49,7 @@ def make_model(seed: int) -> bytes:
 
 def describe(m, inputs, outputs):
     """Declare float32 multi-array inputs and outputs (a model without them breaks Core ML's rules)."""
-    from mlqpipe.coreml.description import FLOAT32, ModelDescription
+    from mlqpipe.formats.nn.description import FLOAT32, ModelDescription
 
     desc = ModelDescription()
     for features, pairs in ((desc.input, inputs), (desc.output, outputs)):

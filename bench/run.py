@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import mlqpipe  # noqa: E402
 from build_timing import RECIPE, describe, make_model as small_model  # noqa: E402
-from mlqpipe.coreml import proto  # noqa: E402
+from mlqpipe.formats.nn import proto  # noqa: E402
 from mlqpipe.quant.lut import kmeans_lut  # noqa: E402
 from mlqpipe.quant.packing import unpack_bits  # noqa: E402
 
@@ -123,7 +123,7 @@ def convnet_model() -> bytes:
         act.activation.ReLU = b""
         blob, c, size = f"r{i}", oc, -(-size // stride)
     pool = nn.layers.add(name="gap", input=[blob], output=["pooled"])
-    from mlqpipe.evaluate.messages import LAYER_PARAMS
+    from mlqpipe.quality.evaluate.messages import LAYER_PARAMS
 
     pool.pooling = LAYER_PARAMS["pooling"](type=1, globalPooling=True).SerializeToString()
     _ip(nn, "fc", "pooled", "logits", c, 1000, 600)
@@ -154,7 +154,7 @@ def convnet_numpy(spec_bytes: bytes, x: np.ndarray) -> np.ndarray:
 def evaluator_bench(tmp: Path, rep: int, samples: int = 8) -> dict:
     """mlqpipe's forward pass next to the same computation written directly with numpy (runs alternate),
     and the peak memory of an evaluation (float and quantized model, 64 inputs) in a fresh process."""
-    from mlqpipe.evaluate.models import run_model
+    from mlqpipe.quality.evaluate.models import run_model
 
     data = convnet_model()
     spec = mlqpipe.load_model(data).spec
@@ -169,11 +169,11 @@ def evaluator_bench(tmp: Path, rep: int, samples: int = 8) -> dict:
         ref_t.append(median_time(lambda: convnet_numpy(data, x), 1))
     model = tmp / "convnet.mlmodel"
     model.write_bytes(data)
-    code = (f"import numpy as np, mlqpipe; from mlqpipe.evaluate.compare import evaluate; "
+    code = (f"import numpy as np, mlqpipe; from mlqpipe.quality.evaluate.compare import evaluate; "
             f"f = mlqpipe.load_model({str(model)!r}).spec; q = mlqpipe.quantize_weights(f, 8, 'linear').spec; "
             f"r = evaluate(f, q, None, samples=64, memory_mb=256); assert r.evaluated, r.reason")
     rss = peak_rss_mb(code)
-    base = peak_rss_mb("import numpy, mlqpipe; from mlqpipe.evaluate.compare import evaluate")
+    base = peak_rss_mb("import numpy, mlqpipe; from mlqpipe.quality.evaluate.compare import evaluate")
     return {"model_mb": len(data) / 1e6, "samples": samples, "relative_l2_vs_numpy": error,
             "mlqpipe_s": statistics.median(ours_t), "numpy_s": statistics.median(ref_t),
             "ratio": statistics.median(ours_t) / statistics.median(ref_t),
@@ -295,7 +295,7 @@ def main() -> int:
         floor_big = median_time(floor(big, tmp / "floor_big.mlmodel"), rep + 2)
         results["floor"] = {"model_mb": size_mb, "mlqpipe_s": ours_big, "floor_s": floor_big, "ratio": ours_big / floor_big}
         rss = peak_rss_mb(f"import mlqpipe; mlqpipe.quantize_weights({str(big)!r}, 8, 'linear').save({str(tmp / 'rss.mlmodel')!r})")
-        base = peak_rss_mb("import mlqpipe, numpy; from mlqpipe.coreml import proto")
+        base = peak_rss_mb("import mlqpipe, numpy; from mlqpipe.formats.nn import proto")
         results["memory"] = {"model_mb": size_mb, "peak_rss_mb": rss, "baseline_rss_mb": base, "multiple": (rss - base) / size_mb}
         # other models, end to end (mlqpipe only: sanity and scale)
         for name, make in (("small CNN", cnn_model), ("LSTM 256->512", lstm_model)):

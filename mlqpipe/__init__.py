@@ -10,14 +10,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "quantize_weights": "mlqpipe.compat",
-    "QuantizedLayerSelector": "mlqpipe.ct_selectors",
-    "AdvancedQuantizedLayerSelector": "mlqpipe.ct_selectors",
-    "MatrixMultiplyLayerSelector": "mlqpipe.ct_selectors",
-    "load_model": "mlqpipe.coreml.model",
-    "CoreMLModel": "mlqpipe.coreml.model",
-    "inventory": "mlqpipe.coreml.inventory",
-    "WeightRecord": "mlqpipe.coreml.inventory",
+    "quantize_weights": "mlqpipe.engine.compat",
+    "QuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
+    "AdvancedQuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
+    "MatrixMultiplyLayerSelector": "mlqpipe.engine.ct_selectors",
+    "load_model": "mlqpipe.formats.nn.model",
+    "CoreMLModel": "mlqpipe.formats.nn.model",
+    "inventory": "mlqpipe.formats.nn.inventory",
+    "WeightRecord": "mlqpipe.formats.nn.inventory",
     "MlqpipeError": "mlqpipe.errors",
     "ModelError": "mlqpipe.errors",
     "CheckError": "mlqpipe.errors",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlqpipe.coreml import proto
+from mlqpipe.formats.nn import proto
 
 _rng = np.random.default_rng(1234)
 
@@ -94,7 +94,7 @@ FLOAT32_ARRAY = 65568  # ArrayFeatureType.FLOAT32
 
 def describe(m, inputs, outputs):
     """Declare float32 multi-array inputs and outputs [(name, shape), ...] (Core ML's validator needs them)."""
-    from mlqpipe.coreml.description import ModelDescription
+    from mlqpipe.formats.nn.description import ModelDescription
 
     desc = ModelDescription()
     for features, pairs in ((desc.input, inputs), (desc.output, outputs)):

@@ -1,4 +1,4 @@
-"""coremltools' selector semantics have one owner (mlqpipe.ct_selectors): quantize_weights, recipe
+"""coremltools' selector semantics have one owner (mlqpipe.engine.ct_selectors): quantize_weights, recipe
 `coremltools_selector:` rules and `python:` rules naming a QuantizedLayerSelector pick the same blobs."""
 
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.execute import quantize_recipe
+from mlqpipe.engine.execute import quantize_recipe
 from mlqpipe.recipe import load_recipe
 from tests.builders import describe, model, network, set_float, weights
 from tests.conftest import REPO, real_model_paths
@@ -97,7 +97,7 @@ def test_recipe_rules_and_quantize_weights_agree(tmp_path, monkeypatch, selector
 
 
 def test_select_does_not_import_the_compat_facade():
-    code = "import sys, mlqpipe.select; print('mlqpipe.compat' in sys.modules)"
+    code = "import sys, mlqpipe.engine.select; print('mlqpipe.engine.compat' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "False"
 

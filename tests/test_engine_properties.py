@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import mlqpipe
-from mlqpipe.coreml.check import introduced_findings
+from mlqpipe.formats.nn.check import introduced_findings
 from tests.builders import add_conv, add_inner_product, model, network
 
 

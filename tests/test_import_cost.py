@@ -17,7 +17,7 @@ def test_import_mlqpipe_is_light():
 
 
 def test_cli_help_is_light():
-    mods = _loaded("import mlqpipe.cli as c; c._parser().format_help()")
+    mods = _loaded("import mlqpipe.cli.commandline as c; c._parser().format_help()")
     assert not [m for m in HEAVY if m in mods]
 
 

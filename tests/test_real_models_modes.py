@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.coreml.check import check_spec
+from mlqpipe.formats.nn.check import check_spec
 from tests.conftest import snr_db
 
 MODES = [(n, "linear") for n in range(1, 9)] + [

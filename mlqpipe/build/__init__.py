@@ -8,8 +8,8 @@ In your dodo.py:
         yield from tasks_from_recipes("recipes/*.yaml")
 """
 
-from .console import BuildReporter
-from .tasks import BuildOptions, tasks_from_recipes
+from mlqpipe.build.console import BuildReporter
+from mlqpipe.build.tasks import BuildOptions, tasks_from_recipes
 
 # doit state in a tool-specific sqlite3 file (the default dbm backend is one-process-only and can corrupt),
 # in the project root (doit opens it before any task code runs); mlqpipe's reporter: one located line per

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import atomic_write
+from mlqpipe.fileio import atomic_write
 
 CACHE_FORMAT = 1
 

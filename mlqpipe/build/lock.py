@@ -29,7 +29,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import MlqpipeError
+from mlqpipe.errors import MlqpipeError
 
 LOCK_FORMAT = 2
 
@@ -49,7 +49,7 @@ def current_versions(kernel: int) -> dict:
     import numpy
     from google.protobuf import __version__ as protobuf_version
 
-    from .. import __version__
+    from mlqpipe import __version__
 
     return {"mlqpipe": __version__, "numpy": numpy.__version__, "protobuf": protobuf_version, "kernel": kernel}
 
@@ -105,7 +105,7 @@ def _exclusive(state_dir):
 def update_lock(lock_path, state_dir, versions: dict, put: dict | None = None, keep=None) -> bool:
     """Replace the entries in `put`, drop entries for which `keep(output, entry)` is False, and write the
     lock only if its text changes. Returns whether it was written."""
-    from ..fileio import atomic_write
+    from mlqpipe.fileio import atomic_write
 
     with _exclusive(state_dir):
         try:

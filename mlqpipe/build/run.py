@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .console import BuildReporter
-from .tasks import BuildOptions, tasks_from_recipes
+from mlqpipe.build.console import BuildReporter
+from mlqpipe.build.tasks import BuildOptions, tasks_from_recipes
 
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
 
@@ -67,7 +67,7 @@ def _doit(argv: list[str], options: BuildOptions) -> int:
 
 
 def _lock_outputs(options: BuildOptions) -> dict:
-    from .lock import outputs_or_empty
+    from mlqpipe.build.lock import outputs_or_empty
 
     return outputs_or_empty(options.lock_file) if options.lock_file else {}
 
@@ -156,7 +156,7 @@ def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
     # build writes nothing)
     text = json.dumps(stale, sort_keys=True)
     if text != known and not (known is None and not stale):
-        from ..fileio import atomic_write
+        from mlqpipe.fileio import atomic_write
 
         atomic_write(remembered, text.encode())
     return stale
@@ -214,8 +214,8 @@ def _events(options: BuildOptions) -> list[dict]:
 def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
     """Per output of this build: how it was built (built, from cache, up to date, failed, not run) and its
     report, from what doit's reporter saw and what the tasks logged."""
-    from . import console
-    from ..tables import report_of
+    from mlqpipe.build import console
+    from mlqpipe.quality.tables import report_of
 
     seen = console.LAST.status if console.LAST is not None else {}
     computed = {(e["recipe"], e["input"]) for e in events if e["event"] in ("stage", "output") and e.get("computed")}
@@ -244,7 +244,7 @@ def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
 
 
 def _summary(options: BuildOptions, status: int, stale: dict[str, list[str]], pruned: bool) -> list[dict]:
-    from ..tables import outputs_table
+    from mlqpipe.quality.tables import outputs_table
 
     events = _events(options)
     rows = outcomes(options, events)

@@ -20,10 +20,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..fileio import shown_path as _rel
-from ..recipe.problems import Problem
-from .cache import CACHE_FORMAT
-from .lock import LOCK_FORMAT
+from mlqpipe.fileio import shown_path as _rel
+from mlqpipe.recipe.problems import Problem
+from mlqpipe.build.cache import CACHE_FORMAT
+from mlqpipe.build.lock import LOCK_FORMAT
 
 KERNEL_VERSION = 1  # bump whenever any kernel's output bytes change: invalidates every cached stage
 DEFAULT_CACHE = ".mlqpipe-cache"
@@ -72,8 +72,8 @@ def _file_digests(paths) -> dict:
 
 def load_for_build(recipe_path, options: BuildOptions):
     """Load a recipe, skipping the schema pass when these exact files passed it before."""
-    from .. import __version__
-    from ..recipe import load_recipe
+    from mlqpipe import __version__
+    from mlqpipe.recipe import load_recipe
 
     recipe_path = Path(recipe_path)
     mark = _mark_path(recipe_path, options)
@@ -84,7 +84,7 @@ def load_for_build(recipe_path, options: BuildOptions):
         trusted = False
     recipe = load_recipe(recipe_path, schema=not trusted, allow_outside_root=options.allow_outside_root)
     if not trusted:
-        from ..fileio import atomic_write
+        from mlqpipe.fileio import atomic_write
 
         atomic_write(mark, json.dumps({"version": __version__, "files": _file_digests(recipe.files)}, sort_keys=True).encode())
     return recipe
@@ -96,7 +96,7 @@ def load_for_build(recipe_path, options: BuildOptions):
 def stage_configs(recipe, job, options: BuildOptions) -> list[dict]:
     """What determines each stage's bytes, as written in the recipe: the stage (with per-model overrides),
     the rules it applies, custom code's source, and the versions and salt. Names and comments do not count."""
-    from ..recipe.custom import locate
+    from mlqpipe.recipe.custom import locate
 
     configs = []
     rules_doc = recipe.document.get("rules") or {}
@@ -167,8 +167,8 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
     for pattern in patterns:
         found = sorted(_glob.glob(str(pattern), recursive=True)) if _glob.has_magic(str(pattern)) else [str(pattern)]
         paths += found
-    from ..errors import RecipeError
-    from ..recipe import check_recipe_collisions
+    from mlqpipe.errors import RecipeError
+    from mlqpipe.recipe import check_recipe_collisions
 
     recipes, problems = [], []
     for path in paths:
@@ -265,7 +265,7 @@ def _log(options: BuildOptions, event: dict) -> None:
 def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tuple[list[bytes], list[str], bool]:
     """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
     whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...]."""
-    from .cache import Cache, sha256
+    from mlqpipe.build.cache import Cache, sha256
 
     cache = Cache(Path(options.cache_dir), options.read_only_cache)
     data = Path(job.input).read_bytes()
@@ -286,8 +286,8 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
                 break
     computed = start <= upto
     if computed:
-        from ..coreml.model import parse_model
-        from ..execute import run_stage
+        from mlqpipe.formats.nn.model import parse_model
+        from mlqpipe.engine.execute import run_stage
 
         model = parse_model(steps[-1], str(job.input))
         for i in range(start, upto + 1):
@@ -306,7 +306,7 @@ def _posix(path) -> str:
 def lock_entry(recipe, job, *, status: str, output_sha256=None, input_sha256=None, keys=(), gates=(), failure=None) -> dict:
     """What the lock records about one output (see lock.py): no measured values, only digests, settings
     and verdicts, so two machines building the same thing write the same lock."""
-    from .lock import file_sha256
+    from mlqpipe.build.lock import file_sha256
 
     entry = {
         "status": status,
@@ -328,8 +328,8 @@ def lock_entry(recipe, job, *, status: str, output_sha256=None, input_sha256=Non
 def _record(options: BuildOptions, job, entry: dict) -> None:
     """Keep this output's entry for the lock task, and put it in the lock file now: a failed output must
     show as failed there even though doit never runs the lock task after a failure."""
-    from ..fileio import atomic_write
-    from .lock import current_versions, update_lock
+    from mlqpipe.fileio import atomic_write
+    from mlqpipe.build.lock import current_versions, update_lock
 
     atomic_write(_entry_path(options, job.output), json.dumps(entry, sort_keys=True).encode())
     if options.lock_file:
@@ -341,7 +341,7 @@ def _failed(options, recipe, job, error, failure="error", gates=(), line=None) -
     path, and the lock entry marked failed."""
     import sys
 
-    from ..execute import remove_output
+    from mlqpipe.engine.execute import remove_output
 
     print(line or f"mlqpipe: error: {error}", file=sys.stderr)
     _log(options, {"event": "failed", "recipe": _posix(recipe.path), "input": str(job.input), "output": _posix(job.output),
@@ -352,7 +352,7 @@ def _failed(options, recipe, job, error, failure="error", gates=(), line=None) -
 
 
 def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | bool:
-    from ..errors import MlqpipeError
+    from mlqpipe.errors import MlqpipeError
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
@@ -367,12 +367,12 @@ def write_output_action(recipe_path, input_path, options_dict):
     """Assess the final model (evaluation, report, gates); write the report, and the output only when every
     gate passed. A failed gate fails the task with the gate's message, removes an older output and marks
     the output failed in the lock."""
-    from ..coreml.model import CoreMLModel, parse_model
-    from ..errors import MlqpipeError
-    from ..execute import finish_job
-    from ..plan import decide_stage, matchers_for
-    from ..quality import GateFailure
-    from .cache import sha256
+    from mlqpipe.formats.nn.model import CoreMLModel, parse_model
+    from mlqpipe.errors import MlqpipeError
+    from mlqpipe.engine.execute import finish_job
+    from mlqpipe.engine.plan import decide_stage, matchers_for
+    from mlqpipe.quality.gates import GateFailure
+    from mlqpipe.build.cache import sha256
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
@@ -400,7 +400,7 @@ def write_output_action(recipe_path, input_path, options_dict):
 
 
 def _plans(stages, decisions):
-    from ..plan import StagePlan
+    from mlqpipe.engine.plan import StagePlan
 
     return [StagePlan(stage, d) for stage, d in zip(stages, decisions)]
 
@@ -414,7 +414,7 @@ def write_lock(outputs, recipes, options_dict) -> None:
     digests as they are now (an output whose recipe changed only elsewhere is still what the recipe says);
     entries of outputs this build's recipes no longer make are dropped, other recipes' kept (building a
     subset of recipes does not forget the rest). The file is rewritten only when its text changes."""
-    from .lock import current_versions, file_sha256, update_lock
+    from mlqpipe.build.lock import current_versions, file_sha256, update_lock
 
     options = BuildOptions(**options_dict)
     entries = {}

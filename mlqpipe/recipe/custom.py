@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ..errors import RecipeError
+from mlqpipe.errors import RecipeError
 
 
 def locate(module: str, search_path) -> importlib.machinery.ModuleSpec | None:

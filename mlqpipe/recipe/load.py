@@ -10,12 +10,12 @@ import string
 from dataclasses import replace
 from pathlib import Path
 
-from ..fileio import shown_path as _shown
-from .custom import find_code
-from .problems import Problem, dotted, raise_problems
-from .schema_check import did_you_mean, schema_problems
-from .source import read_source
-from .types import CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
+from mlqpipe.fileio import shown_path as _shown
+from mlqpipe.recipe.custom import find_code
+from mlqpipe.recipe.problems import Problem, dotted, raise_problems
+from mlqpipe.recipe.schema_check import did_you_mean, schema_problems
+from mlqpipe.recipe.source import read_source
+from mlqpipe.recipe.types import CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
 
 _PLACEHOLDERS = {"stem", "name", "dir", "recipe"}
 _RANGES = ("count", "in_channels", "out_channels", "kernel_channels", "layer_weight_count")
@@ -227,7 +227,7 @@ _SELECTOR_KEYS = {
 
 
 def _selector_problems(sel, doc, at) -> list[Problem]:
-    from ..coreml.layers import COREMLTOOLS_SELECTOR_TYPES as _QUANTIZABLE
+    from mlqpipe.formats.nn.layers import COREMLTOOLS_SELECTOR_TYPES as _QUANTIZABLE
 
     out = []
     allowed = _SELECTOR_KEYS[sel["type"]]

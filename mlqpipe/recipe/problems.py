@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import RecipeError
+from mlqpipe.errors import RecipeError
 
 
 @dataclass(frozen=True)

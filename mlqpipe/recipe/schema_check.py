@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 
-from ..schema import recipe_schema
-from .problems import Problem, dotted
+from mlqpipe.schema import recipe_schema
+from mlqpipe.recipe.problems import Problem, dotted
 
 _NOT_ALLOWED = {"nbits": "fold, fp16 and dequantize stages take no nbits",
                 "function": "only custom_lut stages take a function",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .problems import Problem, dotted
+from mlqpipe.recipe.problems import Problem, dotted
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: same nodes and marks, faster
 MAX_BYTES = 1 << 20  # 1 MiB of YAML is far more than any recipe needs

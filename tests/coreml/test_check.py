@@ -9,8 +9,8 @@ import pytest
 
 from mlqpipe import CheckError, load_model, quantize_weights
 from mlqpipe.cli import main
-from mlqpipe.coreml import proto
-from mlqpipe.coreml.check import check_spec
+from mlqpipe.formats.nn import proto
+from mlqpipe.formats.nn.check import check_spec
 from tests import builders
 from tests.builders import describe, model, network
 
@@ -271,7 +271,7 @@ def _oracle(validate, tmp_path, **models) -> dict:
 
 def recurrent_model(kind, n_in, n_out):
     """One float recurrent layer reading x (3 values) and the first n_in - 1 state inputs."""
-    from mlqpipe.coreml.layers import weight_slots
+    from mlqpipe.formats.nn.layers import weight_slots
 
     m = model()
     ins, outs = ["x", "h0", "c0", "h1", "c1"][:n_in], ["y", "h", "c", "hb", "cb"][:n_out]
@@ -450,7 +450,7 @@ def test_spec_version_unknown_matches_core_ml(coreml_validate, tmp_path):
 
 
 def test_structure_rules_on_real_and_demo_models(real_model):
-    from mlqpipe.coreml.check import structure_findings
+    from mlqpipe.formats.nn.check import structure_findings
 
     for path in [real_model, *sorted(Path(__file__).resolve().parents[2].glob("pipelines/demo/*.mlmodel"))]:
         assert structure_findings(load_model(path).spec) == [], path

@@ -4,7 +4,7 @@ import pytest
 
 import mlqpipe
 from mlqpipe.cli import main
-from mlqpipe.coreml.fold import fold_model
+from mlqpipe.formats.nn.fold import fold_model
 from tests.builders import conv_batchnorm_model, layer_types
 
 

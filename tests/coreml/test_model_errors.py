@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mlqpipe import ModelError, load_model, quantize_weights
-from mlqpipe.coreml import proto
+from mlqpipe.formats.nn import proto
 from tests.builders import network, small_model
 
 

@@ -19,7 +19,7 @@ N = 24
 
 def _model(i: int) -> bytes:
     """bench's model with its input and output declared: Core ML needs them (the oracle judges the outputs)."""
-    from mlqpipe.coreml import proto
+    from mlqpipe.formats.nn import proto
     from tests.builders import describe
 
     return describe(proto.Model.FromString(make_model(i)), [("x", [64])], [("h2", [10])]).SerializeToString()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlqpipe.coreml.model import load_model
-from mlqpipe.evaluate.models import Probabilities, run_model
+from mlqpipe.formats.nn.model import load_model
+from mlqpipe.quality.evaluate.models import Probabilities, run_model
 
 TOLERANCE = 1e-5
 

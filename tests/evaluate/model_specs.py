@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlqpipe.evaluate.models import run_model
+from mlqpipe.quality.evaluate.models import run_model
 from tests.evaluate.harness import coremltools, spec_of
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 import mlqpipe
-from mlqpipe.coreml.inventory import inventory
-from mlqpipe.evaluate.compare import evaluate
+from mlqpipe.formats.nn.inventory import inventory
+from mlqpipe.quality.evaluate.compare import evaluate
 from tests.evaluate import harness as H
 
 

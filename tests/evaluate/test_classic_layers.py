@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from mlqpipe.evaluate.context import Unsupported
+from mlqpipe.quality.evaluate.context import Unsupported
 from tests.evaluate import harness as H
 
 N = 3  # samples per test

@@ -1,4 +1,4 @@
-"""Our message definitions for classic layer parameters (mlqpipe/evaluate/messages.py) against coremltools'
+"""Our message definitions for classic layer parameters (mlqpipe/quality/evaluate/messages.py) against coremltools'
 generated descriptors of NeuralNetwork.proto: same field numbers, names and repetition, every field
 declared (a sub-message may be kept as bytes: the wire format is the same), and coremltools' bytes read back
 to the same values."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlqpipe.evaluate import messages
+from mlqpipe.quality.evaluate import messages
 from tests.evaluate import harness as H
 
 CLASSIC = ["pooling", "flatten", "reshape", "permute", "concat", "add", "multiply", "softmax", "padding", "crop", "upsample",

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlqpipe.evaluate.context import Unsupported
-from mlqpipe.evaluate.models import Probabilities
+from mlqpipe.quality.evaluate.context import Unsupported
+from mlqpipe.quality.evaluate.models import Probabilities
 from tests.evaluate import model_specs as ms
 from tests.evaluate.harness import assert_close
 

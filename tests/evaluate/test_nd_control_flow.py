@@ -16,8 +16,8 @@ its old value in the others. Every model is written to tmp_path, so Core ML's ow
 import numpy as np
 import pytest
 
-from mlqpipe.evaluate import forward
-from mlqpipe.evaluate.context import Unsupported
+from mlqpipe.quality.evaluate import forward
+from mlqpipe.quality.evaluate.context import Unsupported
 
 from . import harness
 

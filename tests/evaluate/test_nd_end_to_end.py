@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.coreml.inventory import inventory
-from mlqpipe.evaluate.compare import evaluate
+from mlqpipe.formats.nn.inventory import inventory
+from mlqpipe.quality.evaluate.compare import evaluate
 
 from . import harness
 

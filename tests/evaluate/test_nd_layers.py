@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mlqpipe.evaluate.context import Unsupported
+from mlqpipe.quality.evaluate.context import Unsupported
 
 from . import harness
 
@@ -87,7 +87,7 @@ def test_unary(method, kwargs, ref, x):
 
 
 def test_erf_is_float32_accurate_everywhere():
-    from mlqpipe.evaluate.layers_nd import _erf
+    from mlqpipe.quality.evaluate.layers_nd import _erf
 
     x = np.linspace(-7, 7, 100_001)
     assert np.max(np.abs(_erf(x) - erf(x))) < 1e-8

@@ -3,9 +3,9 @@ must be Core ML's), and the ND layer table against them."""
 
 import pytest
 
-from mlqpipe.evaluate import forward
-from mlqpipe.evaluate.layers_nd import LAYERS
-from mlqpipe.evaluate.messages_nd import LAYER_PARAMS
+from mlqpipe.quality.evaluate import forward
+from mlqpipe.quality.evaluate.layers_nd import LAYERS
+from mlqpipe.quality.evaluate.messages_nd import LAYER_PARAMS
 
 from .harness import coremltools
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.coreml.model import load_model
-from mlqpipe.evaluate.compare import FloatCache, evaluate
-from mlqpipe.evaluate.context import Unsupported
+from mlqpipe.formats.nn.model import load_model
+from mlqpipe.quality.evaluate.compare import FloatCache, evaluate
+from mlqpipe.quality.evaluate.context import Unsupported
 from tests.evaluate import model_specs as ms
 from tests.evaluate.harness import assert_close
 

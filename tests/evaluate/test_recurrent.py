@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlqpipe.evaluate.context import Unsupported
+from mlqpipe.quality.evaluate.context import Unsupported
 from tests.evaluate import harness as H
 
 N, S, I = 3, 5, 3  # samples, steps, input size

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mlqpipe
 from mlqpipe import ModelError
-from mlqpipe.coreml import proto
-from mlqpipe.coreml.check import check_spec, introduced_findings
+from mlqpipe.formats.nn import proto
+from mlqpipe.formats.nn.check import check_spec, introduced_findings
 from tests.builders import add_conv, add_inner_product, model, network, small_model
 from tests.conftest import REPO
 
@@ -71,7 +71,7 @@ def test_valid_protobuf_of_the_wrong_message(message):
 
 
 def test_model_over_protobuf_limit(monkeypatch):
-    import mlqpipe.coreml.model as mm
+    import mlqpipe.formats.nn.model as mm
 
     monkeypatch.setattr(mm, "_MAX_PROTO", 1000)  # stands for 2 GB: the same check, at a testable size
     with pytest.raises(ModelError, match="exceeds protobuf's 2 GB message limit"):

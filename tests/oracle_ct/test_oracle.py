@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("coremltools")
 
 import mlqpipe  # noqa: E402
-from mlqpipe.coreml.check import check_spec, introduced_findings  # noqa: E402
+from mlqpipe.formats.nn.check import check_spec, introduced_findings  # noqa: E402
 from tests.oracle_ct import ctmodels as M  # noqa: E402
 
 M.setup()

@@ -190,7 +190,7 @@ def _wheel_names(path: Path) -> set[str]:
 
 
 def test_wheel_and_sdist_hold_every_source_file(dists):
-    assert "mlqpipe/evaluate/forward.py" in SOURCES  # the enumeration sees the tree
+    assert "mlqpipe/quality/evaluate/forward.py" in SOURCES  # the enumeration sees the tree
     from_sdist = _wheel_names(dists["wheel_from_sdist"])
     assert from_sdist == _wheel_names(dists["wheel"])  # building via the sdist loses nothing
     assert not [s for s in SOURCES if s not in from_sdist], "missing from the wheel"
@@ -217,7 +217,7 @@ def test_environment_is_isolated(env):
 def test_every_module_imports_on_its_own(env):
     modules = [s[:-3].replace("/", ".").removesuffix(".__init__") for s in SOURCES]
     modules = [m for m in modules if not m.endswith("__main__")]  # importing __main__ runs the program
-    assert "mlqpipe.evaluate.forward" in modules and "mlqpipe" in modules
+    assert "mlqpipe.quality.evaluate.forward" in modules and "mlqpipe" in modules
 
     def check(*names: str) -> dict[str, str]:
         proc = env.run(env.python, "-c", _IMPORT_CHECK, env.site, *names, cwd=env.root)

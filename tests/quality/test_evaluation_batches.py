@@ -8,7 +8,7 @@ import pytest
 
 import mlqpipe
 from mlqpipe.cli import main
-from mlqpipe.evaluate import compare
+from mlqpipe.quality.evaluate import compare
 from tests.conftest import REPO, SHARED_MODELS
 
 DEMO = REPO / "pipelines" / "demo"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.evaluate.compare import evaluate, predict
+from mlqpipe.quality.evaluate.compare import evaluate, predict
 from tests.builders import unevaluable_model
 from tests.conftest import REPO, SHARED_MODELS
 

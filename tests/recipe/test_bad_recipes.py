@@ -7,7 +7,7 @@ import pytest
 from mlqpipe.cli import main
 from mlqpipe.errors import RecipeError
 from mlqpipe.recipe import load_recipe
-from mlqpipe.plan import plan_recipe
+from mlqpipe.engine.plan import plan_recipe
 from tests.conftest import REPO
 
 GOOD_HEAD = """\

@@ -7,8 +7,8 @@ import pytest
 
 import mlqpipe
 from mlqpipe.errors import RecipeError
-from mlqpipe.execute import quantize_recipe
-from mlqpipe.plan import plan_recipe
+from mlqpipe.engine.execute import quantize_recipe
+from mlqpipe.engine.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
 from tests.conftest import REPO
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import mlqpipe
-from mlqpipe.coreml.check import check_spec
-from mlqpipe.execute import quantize_recipe
-from mlqpipe.plan import plan_recipe
+from mlqpipe.formats.nn.check import check_spec
+from mlqpipe.engine.execute import quantize_recipe
+from mlqpipe.engine.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
 from tests.conftest import REPO
 

@@ -7,7 +7,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mlqpipe.errors import RecipeError
-from mlqpipe.plan import plan_recipe
+from mlqpipe.engine.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
 from tests.conftest import REPO
 

@@ -6,8 +6,8 @@ import pytest
 
 import mlqpipe
 from mlqpipe.cli import main
-from mlqpipe.coreml.inventory import edge_layers, topological_layers
-from mlqpipe.plan import plan_recipe
+from mlqpipe.formats.nn.inventory import edge_layers, topological_layers
+from mlqpipe.engine.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
 from tests.builders import add_inner_product, describe, model, network
 from tests.conftest import REPO
@@ -92,7 +92,7 @@ def test_position_follows_the_graph_not_the_stored_order():
 
 
 def test_position_counts_each_pipeline_model_and_not_loop_bodies():
-    from mlqpipe.coreml import proto
+    from mlqpipe.formats.nn import proto
 
     pipe = proto.Model(specificationVersion=4)
     for i in range(2):

@@ -1,0 +1,5 @@
+import sys
+
+from mlqpipe.cli.commandline import main
+
+sys.exit(main())

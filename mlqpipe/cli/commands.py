@@ -1,0 +1,139 @@
+"""What `mlqpipe validate`, `plan` and `quantize` do (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mlqpipe.formats.nn.version import version_change
+from mlqpipe.errors import RecipeError
+from mlqpipe.fileio import shown_path as _rel
+from mlqpipe.engine.plan import ModelPlan, plan_recipe
+from mlqpipe.recipe import check_recipe_collisions, load_recipe
+from mlqpipe.recipe.problems import Problem, raise_problems
+from mlqpipe.quality.tables import table
+
+
+
+def load_all(paths, *, plan: bool = True, allow_outside_root: bool = False):
+    """Load every recipe; collect all problems of all of them (including cross-recipe output collisions)."""
+    recipes, problems, plans = [], [], {}
+    for path in paths:
+        try:
+            recipes.append(load_recipe(path, allow_outside_root=allow_outside_root))
+        except RecipeError as e:
+            problems += e.problems or [Problem(str(path), 0, 0, "", str(e))]
+    problems += check_recipe_collisions(recipes)
+    if plan:
+        for r in recipes:
+            model_plans, found = plan_recipe(r)
+            plans[r.path] = model_plans
+            problems += found
+    return recipes, plans, problems
+
+
+def validate(paths, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    recipes, plans, problems = load_all(paths, allow_outside_root=allow_outside_root)
+    raise_problems(problems)
+    for r in recipes:
+        n = len(r.models)
+        print(f"{_rel(r.path)}: OK ({n} model{'s' if n != 1 else ''}, {len(r.stages)} stage(s), {len(r.rules)} rule(s))")
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else (f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B")
+
+
+def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
+    return [
+        {
+            "input": _rel(mp.job.input),
+            "output": _rel(mp.job.output),
+            "bytes_before": mp.bytes_before,
+            "bytes_after": mp.bytes_after,
+            "specification_version": {"before": mp.version_before, "after": mp.version_after},
+            "stages": [
+                {
+                    "name": sp.stage.name,
+                    "mode": sp.stage.mode,
+                    "nbits": sp.stage.nbits,
+                    "folds": [f"{f.removed} -> {f.into}" for f in sp.folds],
+                    "weights": [d.as_dict() for d in sp.decisions],
+                }
+                for sp in mp.stages
+            ],
+        }
+        for mp in model_plans
+    ]
+
+
+def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    recipes, plans, problems = load_all([path], allow_outside_root=allow_outside_root)
+    raise_problems(problems)
+    model_plans = plans[recipes[0].path]
+    if as_json:
+        json.dump({"recipe": _rel(path), "models": plan_json(model_plans)}, sys.stdout, indent=2)
+        print()
+        return 0
+    for mp in model_plans:
+        ratio = mp.bytes_before / mp.bytes_after if mp.bytes_after else float("inf")
+        print(f"{_rel(mp.job.input)} -> {_rel(mp.job.output)}: weights {_fmt_bytes(mp.bytes_before)} -> {_fmt_bytes(mp.bytes_after)} ({ratio:.2f}x)")
+        change = version_change(mp.version_before, mp.version_after)
+        if change:
+            print(f"  {change}")
+        for sp in mp.stages:
+            print(f"  stage {sp.stage.label}")
+            if sp.stage.mode == "fold":
+                print("    " + ("; ".join(f"folded {f.removed} into {f.into}" for f in sp.folds) or "nothing to fold"))
+                continue
+            rows = [
+                {"id": d.id, "type": d.layer_type, "shape": "x".join(map(str, d.shape)), "what": _what(d),
+                 "why": d.reason, "bytes": f"{d.bytes_before} -> {d.bytes_after}" if d.action == "quantize" else str(d.bytes_before)}
+                for d in sp.decisions
+                if verbose or d.action != "keep" or d.rule is not None
+            ]
+            if rows:
+                print("    " + table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("what", "change"),
+                                           ("bytes", "bytes"), ("why", "why")]).replace("\n", "\n    "))
+            hidden = sum(1 for d in sp.decisions if d.action == "keep" and d.rule is None)
+            if hidden and not verbose:
+                print(f"    ({hidden} weights no rule of this stage matches; -v lists them)")
+    return 0
+
+
+def _what(d) -> str:
+    if d.action == "quantize":
+        return f"{d.storage_before} -> {d.storage_after}"
+    if d.action == "custom":
+        return "custom code decides"
+    return f"keep {d.storage_before}"
+
+
+def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    """Every model of every recipe, going on after a failure; then one table of all outputs. Exit 1 when a
+    gate failed, 2 when a model could not be built (bad input), else 0."""
+    from mlqpipe.errors import MlqpipeError
+    from mlqpipe.engine.execute import quantize_job
+    from mlqpipe.quality.gates import GateFailure
+    from mlqpipe.quality.tables import outputs_table
+
+    recipes, _, problems = load_all(paths, allow_outside_root=allow_outside_root)
+    raise_problems(problems)
+    rows, status = [], 0
+    for r in recipes:
+        for job in r.models:
+            try:
+                _, report = quantize_job(job, r, allow_custom=allow_custom)
+                rows.append({"output": _rel(job.output), "build": "built", "status": report["status"], "report": report})
+            except GateFailure as e:
+                print(f"mlqpipe: {e}", file=sys.stderr)
+                rows.append({"output": _rel(job.output), "build": "built", "status": "FAILED", "report": e.report})
+                status = max(status, 1)
+            except MlqpipeError as e:
+                print(f"mlqpipe: error: {e}", file=sys.stderr)
+                rows.append({"output": _rel(job.output), "build": "failed", "status": "FAILED", "report": None})
+                status = 2
+    sys.stderr.flush()
+    print(outputs_table(rows))
+    return status

@@ -1,0 +1,89 @@
+"""Terminal and JSON output for `mlqpipe inspect` and `mlqpipe check`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mlqpipe.formats.nn.inventory import WeightRecord, inventory
+from mlqpipe.formats.nn.model import load_model
+from mlqpipe.errors import ModelError
+from mlqpipe.quality.tables import table
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "-"
+
+
+def inventory_rows(records: list[WeightRecord]) -> list[dict]:
+    return [
+        {
+            "id": r.id,
+            "layer": r.layer,
+            "type": r.layer_type,
+            "field": r.slot_path,
+            "shape": list(r.shape) if r.shape else None,
+            "count": r.count,
+            "storage": str(r.storage),
+            "bytes": r.nbytes,
+            "updatable": r.updatable,
+        }
+        for r in records
+    ]
+
+
+def print_inventory(path: str, as_json: bool = False) -> int:
+    from mlqpipe.formats.nn.description import feature_rows
+
+    model = load_model(path)
+    rows = inventory_rows(inventory(model.spec))
+    features = feature_rows(model.spec)
+    if as_json:
+        json.dump({"model": path, "type": model.model_type, "specificationVersion": model.spec.specificationVersion,
+                   **features, "weights": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{path}: {model.model_type}, specificationVersion {model.spec.specificationVersion}, "
+          f"{len(rows)} weight blobs, {sum(r['bytes'] for r in rows)} bytes of weights")
+    for side in ("inputs", "outputs"):
+        for f in features[side]:
+            shape = f" {_shape(f['shape'])}" if f["shape"] else ""
+            print(f"  {side[:-1]:6} {f['name']}: {f['type']}{shape}{' (optional)' if f['optional'] else ''}")
+    for row in rows:
+        row["shape"] = _shape(row["shape"])
+        row["updatable"] = "updatable" if row["updatable"] else ""
+    print(table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("storage", "storage"),
+                       ("bytes", "bytes"), ("updatable", "")]))
+    return 0
+
+
+def print_check(paths: list[str], as_json: bool = False, verbose: int = 0) -> int:
+    """Exit 0 when clean (warnings allowed), 1 with any error finding, 2 when a file cannot be read."""
+    from mlqpipe.formats.nn.check import check_spec
+
+    results, status = [], 0
+    for path in paths:
+        try:
+            findings = check_spec(load_model(path).spec)
+        except ModelError as e:
+            results.append({"model": path, "readable": False, "error": str(e), "findings": []})
+            status = 2
+            continue
+        results.append({"model": path, "readable": True, "findings": [f.as_dict() for f in findings]})
+        if any(f.severity == "error" for f in findings) and status == 0:
+            status = 1
+    if as_json:
+        json.dump({"results": results}, sys.stdout, indent=2)
+        print()
+        return status
+    for res in results:
+        if not res["readable"]:
+            print(f"mlqpipe: error: {res['error']}", file=sys.stderr)
+            continue
+        errors = sum(f["severity"] == "error" for f in res["findings"])
+        warnings = len(res["findings"]) - errors
+        for f in res["findings"]:
+            print(f"{res['model']}: {f['severity']}: {f['where']}: {f['message']} [{f['rule']}]")
+        print(f"{res['model']}: {'OK' if not errors else 'FAILED'} ({errors} errors, {warnings} warnings)")
+    return status
+

@@ -1,0 +1,73 @@
+"""coremltools-compatible API: `quantize_weights` and the layer selectors, without coremltools.
+
+Same arguments and, wherever coremltools 9.0 is right, the same bytes. Where it raises or writes an
+invalid or wrong model, this does the correct thing instead (see README, "Differences from coremltools").
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from mlqpipe.formats.nn.check import input_findings
+from mlqpipe.formats.nn.model import CoreMLModel, load_model, neural_networks
+from mlqpipe.formats.nn.version import raise_versions
+from mlqpipe.errors import ModelError
+from mlqpipe.engine.modes import ModeSettings, apply_mode, check_settings
+from mlqpipe.engine.ct_selectors import (  # noqa: F401  (re-exported: coremltools' names)
+    AdvancedQuantizedLayerSelector,
+    MatrixMultiplyLayerSelector,
+    QuantizedLayerSelector,
+    select_like_coremltools,
+)
+from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE
+
+_CT_MODES = {
+    "linear": "linear",
+    "linear_symmetric": "linear_symmetric",
+    "linear_lut": "linear_lut",
+    "kmeans_lut": "kmeans_lut",
+    "kmeans": "kmeans_lut",
+    "custom_lut": "custom_lut",
+    "dequantization": "dequantize",
+}
+
+
+def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: str = "linear", sample_data=None, **kwargs) -> CoreMLModel:
+    """Quantize a neural-network model the way coremltools' `quantize_weights` does (see module doc).
+
+    `full_precision_model`: a path, bytes, CoreMLModel, protobuf spec or coremltools MLModel (never modified).
+    kwargs: `selector` (a QuantizedLayerSelector, ours or coremltools', or a callable(WeightRecord) -> bool),
+    `lut_function` for custom_lut.
+    Returns a new CoreMLModel; `sample_data` is ignored (use recipes' evaluation and gates instead).
+    """
+    mode = _CT_MODES.get(quantization_mode)
+    if mode is None:
+        raise ModelError(f"Invalid quantization mode {quantization_mode!r}; choose one of {', '.join(_CT_MODES)}")
+    unknown = set(kwargs) - {"selector", "lut_function"}
+    if unknown:
+        raise TypeError(f"quantize_weights() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if mode != "dequantize" and nbits == 16:
+        mode = "fp16"
+    check_settings(mode, nbits)
+    model = load_model(full_precision_model)
+    model.inherited_findings = input_findings(model.spec, model.source)  # already invalid: warn, keep going
+    selector = kwargs.get("selector") or QuantizedLayerSelector()
+    settings = ModeSettings(mode, nbits if isinstance(nbits, int) else 8, kwargs.get("lut_function"), COREMLTOOLS_MIN_SCALE, True)
+    if not any(True for _ in neural_networks(model.spec)):
+        raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
+    # coremltools folds below 16 bits, each network as it reaches it (nested ones only if selected)
+    chosen = select_like_coremltools(model.spec, selector, fold=mode not in ("fp16", "dequantize"))
+    already = [rec for rec in chosen if rec.storage.is_quantized and mode != "dequantize"]
+    if already:  # as coremltools: quantize the float weights, leave quantized ones as they are
+        warnings.warn(f"{model.source}: {len(already)} weight(s) already quantized, left as they are: "
+                      f"{', '.join(rec.where for rec in already)}", stacklevel=2)
+    for rec in chosen:
+        if rec.updatable:
+            warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)", stacklevel=2)
+            continue
+        if rec.storage.is_quantized and mode != "dequantize":
+            continue
+        apply_mode(rec, settings)
+    raise_versions(model.spec, "fp16" if nbits == 16 else "quantized")  # coremltools keys this on nbits
+    return model

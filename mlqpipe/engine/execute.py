@@ -1,0 +1,116 @@
+"""Applying a recipe's stages to a model: used by `mlqpipe quantize` and by the doit build alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlqpipe.formats.nn.fold import fold_model
+from mlqpipe.formats.nn.inventory import inventory
+from mlqpipe.formats.nn.model import CoreMLModel, load_model
+from mlqpipe.formats.nn.version import raise_versions
+from mlqpipe.errors import MlqpipeError, RecipeError
+from mlqpipe.engine.modes import ModeSettings, apply_mode
+from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for
+from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
+from mlqpipe.recipe.problems import raise_problems
+from mlqpipe.recipe.types import ModelJob, Recipe, Stage
+
+
+def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True) -> StagePlan:
+    """Apply one stage to `model` in place; returns what was decided (the same decisions a plan shows)."""
+    plan = StagePlan(stage)
+    spec = model.spec
+    if stage.mode == "fold":
+        plan.folds = fold_model(spec, kinds=stage.fold)
+        return plan
+    decisions, problems, _ = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=model.source)
+    raise_problems(problems)
+    lut_function = None
+    if stage.mode == "custom_lut":
+        from mlqpipe.recipe.custom import load_code
+
+        lut_function = load_code(stage.function, recipe.python_path, allow=allow_custom)
+        if not callable(lut_function):
+            raise RecipeError(f"{recipe.where('stages')}: custom LUT '{stage.function}' is not callable")
+    min_scale = COREMLTOOLS_MIN_SCALE if stage.coremltools_rounding else EXACT_MIN_SCALE
+    settings = ModeSettings(stage.mode, stage.nbits or 8, lut_function, min_scale)
+    chosen = {d.id for d in decisions if d.action == "quantize"}
+    changed = False
+    for rec in inventory(spec):
+        if rec.id in chosen:
+            changed |= apply_mode(rec, settings)
+    if changed and stage.mode != "dequantize":
+        raise_versions(spec, "fp16" if stage.mode == "fp16" else "quantized")
+    plan.decisions = decisions
+    return plan
+
+
+def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model: CoreMLModel | None = None,
+            snapshots: list | None = None) -> tuple[CoreMLModel, list[StagePlan]]:
+    """All of a model's stages, in order, on a fresh copy of its input. `snapshots`, when given, receives
+    the spec before the first stage and after each one (for reports)."""
+    model = (model or load_model(job.input)).copy()
+    if snapshots is not None:
+        snapshots.append(model.copy().spec)
+    plans = []
+    for stage in job.stages:
+        plans.append(run_stage(model, stage, recipe, allow_custom=allow_custom))
+        if snapshots is not None:
+            snapshots.append(model.copy().spec)
+    return model, plans
+
+
+def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan], warn=None,
+               cache_dir=None) -> dict:
+    """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
+    output, checked against Core ML's rules and written atomically. Rules the input (specs[0]) already
+    breaks are reported by `warn(message)` (default: a warning line on stderr) and not held against the output.
+    `cache_dir`: where the float model's evaluation outputs are kept between builds (None: not kept)."""
+    from mlqpipe.formats.nn.check import input_findings
+    from mlqpipe.engine.plan import setting_problems
+    from mlqpipe.quality.gates import GateFailure, assess
+    from mlqpipe.quality.report import write_report
+
+    raise_problems(setting_problems(job, recipe, specs[0]))  # builds skip `validate`'s model checks: never a traceback here
+
+    model.inherited_findings = input_findings(specs[0], str(job.input), warn=warn or _warn)
+    try:
+        report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir)
+    except GateFailure as e:
+        write_report(e.report, job, recipe, recipe.report.formats, specs)
+        remove_output(job)
+        raise
+    model.save(job.output)
+    write_report(report, job, recipe, recipe.report.formats, specs)
+    return report
+
+
+def _warn(message: str) -> None:
+    """A warning on the command line, as mlqpipe prints its errors."""
+    import sys
+
+    print(f"mlqpipe: warning: {message}", file=sys.stderr)
+
+
+def remove_output(job: ModelJob) -> None:
+    """A model whose build or gates failed leaves nothing shippable at its output path: an older output
+    there would be copied into an app as if it were this build's (its report, marked failed, stays)."""
+    Path(job.output).unlink(missing_ok=True)
+
+
+def quantize_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True) -> tuple[list[StagePlan], dict]:
+    """Build one model: stages, assessment, checked atomic write; on any failure nothing is left at its
+    output path. Returns the stage plans and the report."""
+    specs: list = []
+    try:
+        model, plans = run_job(job, recipe, allow_custom=allow_custom, snapshots=specs)
+        report = finish_job(job, recipe, model, specs, plans)
+    except MlqpipeError:
+        remove_output(job)
+        raise
+    return plans, report
+
+
+def quantize_recipe(recipe: Recipe, *, allow_custom: bool | tuple = True) -> list[tuple[ModelJob, list[StagePlan]]]:
+    """Build every model of a recipe, stopping at the first failure (`mlqpipe quantize` goes on instead)."""
+    return [(job, quantize_job(job, recipe, allow_custom=allow_custom)[0]) for job in recipe.models]

@@ -1,0 +1,270 @@
+"""Plans: for each model and stage, what happens to every weight and why.
+
+`plan_job` simulates the stages (folds are applied to a copy, quantization only changes the recorded
+storage), so it is cheap and never runs custom code; `execute.run_stage` makes the same decisions with
+`decide_stage` and applies them. Problems that need the models — rules that match nothing, quantizing
+weights that are already quantized, a stage that would leave a layer half float16 — are found here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from mlqpipe.formats.nn.check import precision_mix_findings
+from mlqpipe.formats.nn.inventory import WeightRecord, inventory
+from mlqpipe.formats.nn.model import CoreMLModel, load_model
+from mlqpipe.formats.nn.version import raise_versions
+from mlqpipe.formats.nn.weights import Storage
+from mlqpipe.errors import ModelError
+from mlqpipe.fileio import shown_path as _shown
+from mlqpipe.recipe.problems import Problem, dotted
+from mlqpipe.recipe.types import ModelJob, Recipe, Stage
+from mlqpipe.engine.select import NAME_LISTS, RuleMatcher, decide, entries_matching
+
+
+
+@dataclass(frozen=True)
+class Decision:
+    id: str
+    layer: str
+    layer_type: str
+    field: str
+    shape: tuple
+    stage: str
+    action: str  # quantize | keep | custom | error
+    rule: str | None
+    reason: str
+    storage_before: str
+    storage_after: str
+    bytes_before: int
+    bytes_after: int
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    decisions: list[Decision] = field(default_factory=list)
+    folds: list = field(default_factory=list)
+
+
+@dataclass
+class ModelPlan:
+    job: ModelJob
+    stages: list[StagePlan] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    matched_rules: set = field(default_factory=set)
+    matched_entries: set = field(default_factory=set)  # (rule, condition, index) of name-list entries that match
+    loaded: bool = True
+    version_before: int = 0  # specificationVersion of the input and of the output
+    version_after: int = 0
+
+
+def storage_after(stage: Stage) -> Storage:
+    if stage.mode == "fp16":
+        return Storage("float16", 16)
+    if stage.mode == "dequantize":
+        return Storage("float32", 32)
+    kind = "linear" if stage.mode in ("linear", "linear_symmetric") else "lut"
+    return Storage(kind, stage.nbits or 8)
+
+
+def estimate_bytes(rec: WeightRecord, st: Storage) -> int:
+    """Stored bytes of a blob of rec's size in storage `st` (quantization parameters included)."""
+    n = rec.count
+    if st.kind == "float32":
+        return 4 * n
+    if st.kind == "float16":
+        return 2 * n
+    packed = (n * st.nbits + 7) // 8
+    if st.kind == "lut":
+        return packed + 4 * (1 << st.nbits)
+    channels = rec.shape[rec.axis] if rec.axis is not None and rec.shape else 1
+    if rec.layer_type == "convolution" and rec.axis == 1:
+        channels *= rec.groups
+    return packed + 8 * channels
+
+
+def matchers_for(stage: Stage, recipe: Recipe, allow_custom: bool | None) -> list[RuleMatcher]:
+    return [RuleMatcher(recipe.rule(name), recipe.python_path, allow_custom) for name in stage.rules]
+
+
+def stage_index(recipe: Recipe, stage: Stage) -> int:
+    return next(i for i, s in enumerate(recipe.stages) if s.name == stage.name)
+
+
+def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None,
+                 model_file: str = ""):
+    """Decisions for every weight of `spec` in one quantizing stage, and the problems they imply
+    (`model_file`: the input these are about, named in the problems)."""
+    for m in matchers:
+        m.prepare(spec)
+    records = []
+    for rec in inventory(spec):
+        if overlay and rec.id in overlay:
+            rec = replace(rec, storage=overlay[rec.id])
+        records.append(rec)
+    at = ("stages", stage_index(recipe, stage))
+    decisions, problems, after = [], [], {}
+    for rec in records:
+        match = decide(rec, matchers)
+        st = rec.storage
+        action, reason, new = "keep", "", st
+        if match.rule is None:
+            reason = "no rule of this stage matches"
+        elif not match.include:
+            reason = f"excluded by rule '{match.rule}'"
+        elif match.pending:
+            action, reason, new = "custom", f"decided at build time by custom code {recipe.rule(match.rule).python}", st
+        elif rec.updatable:
+            reason = "updatable weight: Core ML trains only float weights, left as it is"
+        elif stage.mode == "dequantize":
+            if st.kind == "float32":
+                reason = "already float32"
+            else:
+                action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
+        elif st.is_quantized:
+            action, reason = "error", f"already quantized ({st})"
+            problems.append(_problem(recipe, at + ("rules",),
+                                     f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' would quantize {rec.id}, "
+                                     f"which is already quantized ({st}) — selected by rule '{match.rule}'",
+                                     f"add `storage: float32` (or [float32, float16]) to rule '{match.rule}' to leave quantized "
+                                     "weights as they are, or add a dequantize stage before this one"))
+        elif stage.mode == "fp16" and st.kind == "float16":
+            reason = "already float16"
+        else:
+            action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
+        after[rec.id] = new
+        decisions.append(
+            Decision(rec.id, rec.layer, rec.layer_type, rec.slot_path, tuple(rec.shape or ()), stage.name, action, match.rule,
+                     reason, str(st), str(new), estimate_bytes(rec, st) if st.kind != "empty" else 0, estimate_bytes(rec, new))
+        )
+    problems += _precision_problems(records, after, stage, recipe, at)
+    return decisions, problems, after
+
+
+def rules_matching_something(spec, matchers: list[RuleMatcher], overlay: dict | None = None) -> set[str]:
+    """Rules whose conditions hold for at least one weight, whatever the precedence (custom code counts)."""
+    found = set()
+    for rec in inventory(spec):
+        if overlay and rec.id in overlay:
+            rec = replace(rec, storage=overlay[rec.id])
+        found |= {m.rule.name for m in matchers if m.rule.name not in found and m.matches(rec)}
+    return found
+
+
+def _problem(recipe: Recipe, path, message, hint="") -> Problem:
+    path = tuple(path)
+    file, line, col = recipe.locations.get(path) or recipe.locations.get(path[:2]) or (str(recipe.path), 0, 0)
+    return Problem(file, line, col, dotted(path), message, hint)
+
+
+def setting_problems(job: ModelJob, recipe: Recipe, spec) -> list[Problem]:
+    """Evaluation and gate settings that do not fit this model or its data (the .npz headers are read)."""
+    from mlqpipe.quality.evaluate.settings import evaluation_problems
+
+    return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {message}", hint)
+            for at, message, hint in evaluation_problems(spec, job.evaluation, job.gates)]
+
+
+def _setting_problem(recipe: Recipe, job: ModelJob, at: tuple, message: str, hint: str) -> Problem:
+    """A problem with a model's evaluation or gate setting, located where that setting is written: the model
+    entry, `defaults:`, or the recipe's top level."""
+    for n in range(len(at), 0, -1):  # the most specific key written anywhere
+        for base in (("models", job.entry), ("defaults",), ()):
+            if base + at[:n] in recipe.locations:
+                return _problem(recipe, base + at[:n], message, hint)
+    return _problem(recipe, ("models", job.entry), message, hint)
+
+
+def _precision_problems(records, after, stage, recipe, at) -> list[Problem]:
+    """A stage must not leave a layer mixing float16 and float32 (unless the input already did)."""
+    by_layer: dict = {}
+    for rec in records:
+        by_layer.setdefault((rec.model_path, rec.network_path, rec.layer), []).append(rec)
+    out = []
+    for recs in by_layer.values():
+        layer = recs[0].layer_msg
+        if precision_mix_findings(layer, recs):
+            continue  # already mixed in the input: the check reports it on the input itself
+        for f in precision_mix_findings(layer, [replace(r, storage=after[r.id]) for r in recs]):
+            out.append(_problem(recipe, at + ("rules",), f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
+                                "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])"))
+    return out
+
+
+def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) -> ModelPlan:
+    """Simulate every stage of one model (no kernels run, no custom code imported)."""
+    from mlqpipe.formats.nn.fold import fold_model
+
+    plan = ModelPlan(job)
+    try:
+        model = (model or load_model(job.input)).copy()
+    except ModelError as e:
+        plan.problems.append(_problem(recipe, ("models", job.entry, "input"), str(e)))
+        plan.loaded = False
+        return plan
+    spec = model.spec
+    plan.version_before = spec.specificationVersion
+    plan.problems += setting_problems(job, recipe, spec)
+    overlay: dict = {}
+    start = {r.id: r for r in inventory(spec)}
+    plan.bytes_before = sum(estimate_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
+    for i, stage in enumerate(job.stages):
+        sp = StagePlan(stage)
+        if stage.mode == "fold":
+            try:
+                sp.folds = fold_model(spec, kinds=stage.fold)
+            except ModelError as e:  # the input breaks Core ML's rules in a way no fold can repair
+                plan.problems.append(_problem(recipe, ("models", job.entry, "input"), f"{_shown(job.input)}: stage '{stage.name}': {e}"))
+                plan.loaded = False
+                return plan
+        else:
+            matchers = matchers_for(stage, recipe, None)
+            decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay, model_file=job.input)
+            plan.matched_rules |= rules_matching_something(spec, matchers, overlay)
+            plan.matched_entries |= {(m.rule.name, *hit) for rec in inventory(spec) for m in matchers for hit in entries_matching(m.rule, rec)}
+            sp.decisions = decisions
+            plan.problems += problems
+            overlay.update(after)
+            if stage.mode != "dequantize" and any(d.action == "quantize" for d in decisions):
+                raise_versions(spec, "fp16" if stage.mode == "fp16" else "quantized")  # as the build will
+        plan.stages.append(sp)
+    plan.version_after = spec.specificationVersion
+    final = inventory(spec)
+    plan.bytes_after = sum(estimate_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")
+    return plan
+
+
+def plan_recipe(recipe: Recipe) -> tuple[list[ModelPlan], list[Problem]]:
+    """Plans for every model, and the recipe-level problems (unmatched rules included)."""
+    plans = [plan_job(job, recipe) for job in recipe.models]
+    problems = [p for mp in plans for p in mp.problems]
+    matched = set().union(*(mp.matched_rules for mp in plans)) if plans else set()
+    if recipe.models and all(mp.loaded for mp in plans):
+        for rule in recipe.rules:
+            if rule.name not in matched and not rule.optional:
+                problems.append(_problem(recipe, ("rules", rule.name),
+                                         f"rule '{rule.name}' matches no weight in any of this recipe's {len(recipe.models)} model(s)",
+                                         "fix its conditions (see `mlqpipe inspect MODEL` for names), or mark it optional: true"))
+            elif not rule.optional:
+                problems += _unmatched_entries(recipe, rule, set().union(*(mp.matched_entries for mp in plans)))
+    return plans, problems
+
+
+def _unmatched_entries(recipe: Recipe, rule, matched: set) -> list[Problem]:
+    """A name or glob in a rule's list that matches no weight: a typo there silently changes precision."""
+    out = []
+    raw = (recipe.document.get("rules") or {}).get(rule.name) or {}
+    for attr in NAME_LISTS:
+        for i, pattern in enumerate(getattr(rule, attr)):
+            if (rule.name, attr, i) not in matched:
+                at = ("rules", rule.name, attr) + ((i,) if isinstance(raw.get(attr), list) else ())
+                out.append(_problem(recipe, at, f"{attr} '{pattern}' of rule '{rule.name}' matches no weight in any of this "
+                                                f"recipe's {len(recipe.models)} model(s)",
+                                    "fix the name (see `mlqpipe inspect MODEL`), or mark the rule optional: true"))
+    return out

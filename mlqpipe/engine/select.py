@@ -1,0 +1,151 @@
+"""The one matcher: recipe rules -> which weight records they match.
+
+Planning and applying both call `decide`, so what `plan` shows is what a build does. Within a stage the
+listed rules are tried in order and the first that matches a weight decides: quantize it, or leave it
+alone when the rule says `exclude: true`. Weights no listed rule matches are left alone.
+
+Names match as globs (fnmatch, whole name, case-sensitive); `layer_regex` must match the whole name
+(re.fullmatch). A `python:` rule's code is imported only when a build runs (`allow_custom=True`); a plan
+shows the weights it would decide as "decided by custom code at build time".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from math import prod
+
+from mlqpipe.formats.nn.inventory import WeightRecord, edge_layers
+from mlqpipe.formats.nn.layers import weight_slots
+from mlqpipe.engine.ct_selectors import SELECTORS, select_like_coremltools
+from mlqpipe.recipe.types import Rule
+
+PENDING = "pending"  # a python rule not evaluated in a plan
+
+
+@dataclass(frozen=True)
+class Match:
+    rule: str | None
+    include: bool
+    pending: bool = False
+
+
+def _storage_class(rec: WeightRecord) -> str:
+    return "quantized" if rec.storage.is_quantized else rec.storage.kind
+
+
+def _layer_weight_count(rec: WeightRecord) -> int | None:
+    slots = weight_slots(rec.layer_msg)
+    return prod(slots[0].shape) if slots and slots[0].shape else None
+
+
+def _kernel_channels(rec: WeightRecord) -> int | None:
+    return int(rec.layer_msg.convolution.kernelChannels) if rec.layer_type == "convolution" else None
+
+
+class RuleMatcher:
+    """A compiled rule: plain criteria plus, per model state, the ids a coremltools selector would pick."""
+
+    def __init__(self, rule: Rule, python_path=(), allow_custom: bool | None = None):
+        self.rule = rule
+        self.regexes = [re.compile(p) for p in rule.layer_regex]
+        self.python_path = python_path
+        self.allow_custom = allow_custom  # None: plan only, do not import
+        self._ct_ids: set[str] | None = None
+        self._edges: dict = {}
+        self._custom = None
+
+    def prepare(self, spec) -> None:
+        """Compute what depends on the whole model (coremltools selector semantics, first/last layers) for
+        this state."""
+        if self.rule.position:
+            self._edges = edge_layers(spec)
+        if self.rule.python and self.allow_custom is not None and self._custom is None:
+            from mlqpipe.recipe.custom import load_code
+
+            self._custom = _custom_rule(load_code(self.rule.python, self.python_path, allow=self.allow_custom))
+        selectors = [self._ct_selector()] if self.rule.coremltools_selector is not None else []
+        if hasattr(self._custom, "do_quantize"):  # a coremltools-style selector in a python: rule
+            selectors.append(self._custom)
+        picked = [{r.id for r in select_like_coremltools(spec, sel)} for sel in selectors]
+        self._ct_ids = set.intersection(*picked) if picked else None  # a rule naming both needs both
+
+    def _ct_selector(self):
+        sel = self.rule.coremltools_selector
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in sel.settings}
+        return SELECTORS[sel.type](**settings)
+
+    def matches(self, rec: WeightRecord) -> bool | str:
+        """True/False, or PENDING for custom code that a plan does not run."""
+        r = self.rule
+        if r.layer and not any(fnmatchcase(rec.layer, p) for p in r.layer):
+            return False
+        if self.regexes and not any(rx.fullmatch(rec.layer) for rx in self.regexes):
+            return False
+        if r.layer_type and rec.layer_type not in r.layer_type:
+            return False
+        if r.field and not any(fnmatchcase(rec.field, p) or fnmatchcase(rec.slot_path, p) for p in r.field):
+            return False
+        if r.network and not any(fnmatchcase(rec.model_path + rec.network_path, p) for p in r.network):
+            return False
+        for attr, value in (("count", rec.count), ("in_channels", rec.in_channels), ("out_channels", rec.out_channels)):
+            bounds = getattr(r, attr)
+            if bounds is not None and not bounds.contains(value):
+                return False
+        if r.kernel_channels is not None and not r.kernel_channels.contains(_kernel_channels(rec)):
+            return False
+        if r.layer_weight_count is not None and not r.layer_weight_count.contains(_layer_weight_count(rec)):
+            return False
+        if r.depthwise is not None and rec.depthwise != r.depthwise:
+            return False
+        if r.position and (rec.network_path or not set(r.position) & self._edges.get((rec.model_path, rec.layer), set())):
+            return False
+        if r.storage and _storage_class(rec) not in r.storage:
+            return False
+        if self._ct_ids is not None and rec.id not in self._ct_ids:
+            return False
+        if r.python:
+            if self._custom is None:
+                return PENDING
+            return True if self._ct_ids is not None else bool(self._custom(rec))
+        return True
+
+
+# name conditions whose every entry must match some weight: rule attribute -> the record's name it tests
+NAME_LISTS = {
+    "layer": lambda rec, p: fnmatchcase(rec.layer, p),
+    "layer_regex": lambda rec, p: re.fullmatch(p, rec.layer) is not None,
+    "layer_type": lambda rec, p: rec.layer_type == p,
+    "field": lambda rec, p: fnmatchcase(rec.field, p) or fnmatchcase(rec.slot_path, p),
+    "network": lambda rec, p: fnmatchcase(rec.model_path + rec.network_path, p),
+}
+
+
+def entries_matching(rule: Rule, rec: WeightRecord) -> set[tuple[str, int]]:
+    """(condition, index) of every entry of the rule's name lists that matches this weight's name: a list
+    entry no weight of any model matches is a typo that would silently change what a stage selects."""
+    return {(attr, i) for attr, test in NAME_LISTS.items() for i, p in enumerate(getattr(rule, attr)) if test(rec, p)}
+
+
+def _custom_rule(obj):
+    """A python: rule's object: a callable(record) -> bool, or a coremltools-style QuantizedLayerSelector
+    (class or instance), which `prepare` applies with coremltools' walk (ct_selectors)."""
+    if isinstance(obj, type):
+        obj = obj()
+    if not hasattr(obj, "do_quantize") and not callable(obj):
+        from mlqpipe.errors import RecipeError
+
+        raise RecipeError(f"custom rule code {obj!r} is neither callable nor a QuantizedLayerSelector")
+    return obj
+
+
+def decide(rec: WeightRecord, matchers: list[RuleMatcher]) -> Match:
+    """First listed rule that matches decides; custom rules a plan cannot run are reported as pending."""
+    for m in matchers:
+        hit = m.matches(rec)
+        if hit == PENDING:
+            return Match(m.rule.name, not m.rule.exclude, pending=True)
+        if hit:
+            return Match(m.rule.name, not m.rule.exclude)
+    return Match(None, False)

@@ -1,0 +1,1 @@
+"""Model formats: each one's messages, I/O, structure, inventory, checks and writers."""

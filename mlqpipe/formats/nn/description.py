@@ -1,0 +1,84 @@
+"""A read view of ModelDescription (inputs, outputs and their types).
+
+Model keeps its description as opaque bytes so a load/save round trip cannot reorder its metadata map;
+this module parses a copy when a feature's name or type is needed, and builds descriptions for the models
+mlqpipe makes itself (tests, the demo).
+"""
+
+from __future__ import annotations
+
+from mlqpipe.formats.nn.proto import build_messages
+
+_SCHEMA = """
+message FeatureDescription
+  1 name string
+  2 shortDescription string
+  3 type FeatureType
+
+message FeatureType
+  oneof Type
+    1 int64Type bytes
+    2 doubleType bytes
+    3 stringType bytes
+    4 imageType ImageFeatureType
+    5 multiArrayType ArrayFeatureType
+    6 dictionaryType DictionaryFeatureType
+  1000 isOptional bool
+
+message ArrayFeatureType
+  1 shape int64 repeated
+  2 dataType int32
+
+message ImageFeatureType
+  1 width int64
+  2 height int64
+  3 colorSpace int32
+
+message DictionaryFeatureType
+  oneof KeyType
+    1 int64KeyType bytes
+    2 stringKeyType bytes
+
+message ModelDescription
+  1 input FeatureDescription repeated
+  10 output FeatureDescription repeated
+  11 predictedFeatureName string
+  12 predictedProbabilitiesName string
+  50 trainingInput bytes repeated
+  100 metadata bytes
+"""
+
+_CLASSES = build_messages(_SCHEMA, "mlqpipe.description")
+ModelDescription = _CLASSES["ModelDescription"]
+FLOAT32, DOUBLE, INT32 = 65568, 65600, 131104  # ArrayFeatureType.ArrayDataType values
+GRAYSCALE, RGB, BGR = 10, 20, 30  # ImageFeatureType.ColorSpace values
+
+
+def read_description(spec):
+    """The parsed ModelDescription of a Model message (empty when absent)."""
+    return ModelDescription.FromString(spec.description) if spec.HasField("description") else ModelDescription()
+
+_ARRAY_TYPES = {FLOAT32: "float32", DOUBLE: "double", INT32: "int32", 65552: "float16"}
+_COLOR = {GRAYSCALE: "gray", RGB: "RGB", BGR: "BGR"}
+
+
+def feature_rows(spec) -> dict[str, list[dict]]:
+    """{"inputs": [...], "outputs": [...]}: name, type and shape of each feature, as `mlqpipe inspect` shows
+    them (users need the input names for `evaluation.inputs`)."""
+
+    def row(f) -> dict:
+        t = f.type
+        kind = t.WhichOneof("Type")
+        out = {"name": f.name, "type": kind.removesuffix("Type") if kind else "unknown", "shape": None, "optional": bool(t.isOptional)}
+        if kind == "multiArrayType":
+            out["type"] = f"multiArray {_ARRAY_TYPES.get(t.multiArrayType.dataType, t.multiArrayType.dataType)}"
+            out["shape"] = [int(d) for d in t.multiArrayType.shape]
+        elif kind == "imageType":
+            img = t.imageType
+            out["type"] = f"image {_COLOR.get(img.colorSpace, img.colorSpace)}"
+            out["shape"] = [int(img.height), int(img.width)]
+        return out
+
+    desc = read_description(spec)
+    return {"inputs": [row(f) for f in desc.input], "outputs": [row(f) for f in desc.output]}
+

@@ -1,0 +1,1 @@
+"""Quality: the evaluator (numpy forward pass), reports, gates and the summary tables."""
