@@ -16,7 +16,7 @@ _EXPORTS = {
     "MatrixMultiplyLayerSelector": "mlqpipe.engine.ct_selectors",
     "load_model": "mlqpipe.formats.nn.model",
     "CoreMLModel": "mlqpipe.formats.nn.model",
-    "inventory": "mlqpipe.formats.nn.inventory",
+    "inventory": "mlqpipe.formats.nn.model:inventory_of",  # paths, bytes and specs too
     "WeightRecord": "mlqpipe.formats.nn.inventory",
     "MlqpipeError": "mlqpipe.errors",
     "ModelError": "mlqpipe.errors",
@@ -31,7 +31,8 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mlqpipe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attr = module.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value
     return value
 

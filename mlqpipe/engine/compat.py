@@ -10,7 +10,8 @@ import warnings
 from typing import Any
 
 from mlqpipe.formats.nn.check import input_findings
-from mlqpipe.formats.nn.model import CoreMLModel, load_model, neural_networks
+from mlqpipe.formats.nn.model import CoreMLModel, load_model
+from mlqpipe.formats.nn.structure import neural_networks
 from mlqpipe.formats.nn.version import raise_versions
 from mlqpipe.errors import ModelError
 from mlqpipe.engine.modes import ModeSettings, apply_mode, check_settings

@@ -12,7 +12,7 @@ from __future__ import annotations
 from mlqpipe.formats.nn.fold import blob_uses, fold_network
 from mlqpipe.formats.nn.inventory import WeightRecord, inventory, layer_records
 from mlqpipe.formats.nn.layers import COREMLTOOLS_SELECTOR_TYPES, nested_networks
-from mlqpipe.formats.nn.model import neural_networks, output_names
+from mlqpipe.formats.nn.structure import neural_networks, output_names
 
 _QUANTIZABLE = COREMLTOOLS_SELECTOR_TYPES
 

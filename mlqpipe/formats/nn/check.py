@@ -21,9 +21,10 @@ import numpy as np
 
 from mlqpipe.errors import CheckError
 from mlqpipe.formats.nn.description import read_description
-from mlqpipe.formats.nn.inventory import WeightRecord, iter_layers, layer_records
+from mlqpipe.formats.nn.inventory import WeightRecord, layer_records
+from mlqpipe.formats.nn.structure import iter_layers
 from mlqpipe.formats.nn.layers import layer_type
-from mlqpipe.formats.nn.model import NN_TYPES, PIPELINE_TYPES, neural_networks, pipeline_of
+from mlqpipe.formats.nn.structure import NN_TYPES, PIPELINE_TYPES, neural_networks, pipeline_of
 from mlqpipe.formats.nn.version import FP16_SPEC_VERSION, QUANTIZED_SPEC_VERSION
 from mlqpipe.formats.nn.weights import set_fields
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from mlqpipe.errors import ModelError
-from mlqpipe.formats.nn.inventory import iter_layers
+from mlqpipe.formats.nn.structure import iter_layers
 from mlqpipe.formats.nn.layers import layer_type, nested_networks, weight_slots
-from mlqpipe.formats.nn.model import neural_networks, output_names
+from mlqpipe.formats.nn.structure import neural_networks, output_names
 from mlqpipe.formats.nn.weights import read_values, storage_of, write_float32
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mlqpipe.errors import ModelError
-from mlqpipe.formats.nn.layers import Slot, layer_type, nested_networks, weight_slots
-from mlqpipe.formats.nn.model import neural_networks
+from mlqpipe.formats.nn.layers import Slot, layer_type, weight_slots
+from mlqpipe.formats.nn.structure import iter_layers, neural_networks
 from mlqpipe.formats.nn.weights import Storage, read_values, storage_of, stored_count
 
 
@@ -98,23 +98,9 @@ class WeightRecord:
         return v
 
 
-def iter_layers(network, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(network path, network, layer) for every layer, descending into branch and loop sub-networks."""
-    for layer in network.layers:
-        yield prefix, network, layer
-        for name, sub in nested_networks(layer):
-            yield from iter_layers(sub, f"{prefix}{layer.name}.{name}/")
-
-
 def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
-    """Every weight blob of every neural network in `spec` (our Model message; anything else load_model
-    accepts — a coremltools spec, an MLModel, bytes, a path — is read into one first)."""
-    from mlqpipe.formats.nn import proto
-
-    if not isinstance(spec, proto.Model):
-        from mlqpipe.formats.nn.model import load_model
-
-        spec = load_model(spec).spec
+    """Every weight blob of every neural network in `spec` (our Model message; the public
+    `mlqpipe.inventory` also takes paths, bytes and coremltools specs: model.inventory_of)."""
     records = []
     for model_path, model_spec, nn in neural_networks(spec):
         for net_path, network, layer in iter_layers(nn):

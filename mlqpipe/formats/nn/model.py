@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -17,9 +17,8 @@ from mlqpipe.errors import ModelError
 from mlqpipe.fileio import atomic_write
 from mlqpipe.formats.nn import proto
 from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.nn.structure import PIPELINE_TYPES, iter_layers, neural_networks, pipeline_of
 
-NN_TYPES = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
-PIPELINE_TYPES = ("pipeline", "pipelineClassifier", "pipelineRegressor")
 _LFS_MAGIC = b"version https://git-lfs"
 _MAX_PROTO = 2**31 - 1
 
@@ -136,9 +135,6 @@ def parse_model(data: bytes, where: str) -> CoreMLModel:
 def _invalid_text(spec) -> str | None:
     """The first name that is not valid UTF-8 (proto2 parsing does not check; such values come back as
     bytes and would fail later, when a fold or a writer touches them)."""
-    from mlqpipe.formats.nn.description import read_description
-    from mlqpipe.formats.nn.inventory import iter_layers
-
     desc = read_description(spec)
     for feature in list(desc.input) + list(desc.output):
         if not isinstance(feature.name, str):
@@ -169,25 +165,10 @@ def _check_supported(spec, where: str, path: str = "") -> None:
             _check_supported(sub, where, f"{path}models[{i}]/")
 
 
-def pipeline_of(spec):
-    kind = spec.WhichOneof("Type")
-    return spec.pipeline if kind == "pipeline" else getattr(spec, kind).pipeline
+def inventory_of(model: Any, *, include_empty: bool = False):
+    """`mlqpipe.inventory`: the weight records of anything load_model accepts (a path, bytes, a spec, an
+    MLModel, a CoreMLModel)."""
+    from mlqpipe.formats.nn.inventory import inventory
 
-
-def neural_networks(spec, path: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(model path, model spec, neural-network message) for every neural network, pipelines included."""
-    kind = spec.WhichOneof("Type")
-    if kind in NN_TYPES:
-        yield path, spec, getattr(spec, kind)
-    elif kind in PIPELINE_TYPES:
-        for i, sub in enumerate(pipeline_of(spec).models):
-            yield from neural_networks(sub, f"{path}models[{i}]/")
-
-
-def output_names(spec) -> set[str]:
-    """Names of the model's declared outputs (read from the opaque description)."""
-    names = {f.name for f in read_description(spec).output}
-    if spec.WhichOneof("Type") in PIPELINE_TYPES:
-        for sub in pipeline_of(spec).models:
-            names |= output_names(sub)
-    return names
+    spec = model if isinstance(model, proto.Model) else load_model(model).spec
+    return inventory(spec, include_empty=include_empty)

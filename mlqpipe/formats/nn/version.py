@@ -5,7 +5,7 @@ Values are Core ML's own: 2 (iOS 11.2) introduced float16 weights, 3 (iOS 12) qu
 
 from __future__ import annotations
 
-from mlqpipe.formats.nn.model import PIPELINE_TYPES, NN_TYPES, pipeline_of
+from mlqpipe.formats.nn.structure import NN_TYPES, PIPELINE_TYPES, pipeline_of
 
 FP16_SPEC_VERSION = 2
 QUANTIZED_SPEC_VERSION = 3
