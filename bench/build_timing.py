@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mlqpipe.formats.nn import proto
+from mlqpipe.formats.nn.description import describe
 
 N = 50
 RECIPE = """version: 1
@@ -45,20 +46,6 @@ def make_model(seed: int) -> bytes:
         ip.bias.floatValue = (rng.standard_normal(o) * 0.05).astype("<f4").tobytes()
         blob = f"h{j}"
     return describe(m, [("x", [64])], [(blob, [10])]).SerializeToString()
-
-
-def describe(m, inputs, outputs):
-    """Declare float32 multi-array inputs and outputs (a model without them breaks Core ML's rules)."""
-    from mlqpipe.formats.nn.description import FLOAT32, ModelDescription
-
-    desc = ModelDescription()
-    for features, pairs in ((desc.input, inputs), (desc.output, outputs)):
-        for name, shape in pairs:
-            t = features.add(name=name).type.multiArrayType
-            t.shape.extend(shape)
-            t.dataType = FLOAT32
-    m.description = desc.SerializeToString()
-    return m
 
 
 def run(cwd: Path, *args) -> float:

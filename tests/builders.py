@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlqpipe.formats.nn import proto
+from mlqpipe.formats.nn.description import describe  # noqa: F401  (tests import it from here)
 
 _rng = np.random.default_rng(1234)
 
@@ -89,21 +90,6 @@ def unevaluable_model():
     return describe(m, [("x", [4])], [("y", [3])])
 
 
-FLOAT32_ARRAY = 65568  # ArrayFeatureType.FLOAT32
-
-
-def describe(m, inputs, outputs):
-    """Declare float32 multi-array inputs and outputs [(name, shape), ...] (Core ML's validator needs them)."""
-    from mlqpipe.formats.nn.description import ModelDescription
-
-    desc = ModelDescription()
-    for features, pairs in ((desc.input, inputs), (desc.output, outputs)):
-        for name, shape in pairs:
-            t = features.add(name=name).type.multiArrayType
-            t.shape.extend(shape)
-            t.dataType = FLOAT32_ARRAY
-    m.description = desc.SerializeToString()
-    return m
 
 
 def conv_batchnorm_model(empty: str | None = None, scale_after: bool = False):

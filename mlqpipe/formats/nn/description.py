@@ -82,3 +82,16 @@ def feature_rows(spec) -> dict[str, list[dict]]:
     desc = read_description(spec)
     return {"inputs": [row(f) for f in desc.input], "outputs": [row(f) for f in desc.output]}
 
+
+def describe(model, inputs, outputs, data_type: int = FLOAT32):
+    """Declare multi-array inputs and outputs [(name, shape), ...] on a Model message we build ourselves
+    (tests, benchmarks, the demo): a model without them breaks Core ML's rules. Returns the model."""
+    desc = ModelDescription()
+    for features, pairs in ((desc.input, inputs), (desc.output, outputs)):
+        for name, shape in pairs:
+            t = features.add(name=name).type.multiArrayType
+            t.shape.extend(shape)
+            t.dataType = data_type
+    model.description = desc.SerializeToString()
+    return model
+

@@ -9,6 +9,8 @@ coremltools' own tests) raises `ctx.unsupported`; each function's docstring says
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlqpipe.quality.evaluate.context import Ctx
@@ -562,19 +564,11 @@ def average(ctx: Ctx, ins):
 
 
 def maximum(ctx: Ctx, ins):
-    ins = _broadcast(ctx, ins)
-    y = ins[0]
-    for other in ins[1:]:
-        y = np.maximum(y, other)
-    return y
+    return functools.reduce(np.maximum, _broadcast(ctx, ins))
 
 
 def minimum(ctx: Ctx, ins):
-    ins = _broadcast(ctx, ins)
-    y = ins[0]
-    for other in ins[1:]:
-        y = np.minimum(y, other)
-    return y
+    return functools.reduce(np.minimum, _broadcast(ctx, ins))
 
 
 def dot(ctx: Ctx, ins):
