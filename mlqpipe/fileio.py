@@ -15,7 +15,7 @@ def shown_path(path) -> str:
         return str(path)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
@@ -26,7 +26,7 @@ def _sweep_stale(path: Path) -> None:
     process is gone); a live writer's temporary (a concurrent build) is left alone."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             try:
                 tmp.unlink()
             except OSError:
@@ -39,7 +39,7 @@ def glob_escape(name: str) -> str:
     return glob.escape(name)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +61,7 @@ def atomic_write(path, data: bytes, *, fsync: bool | None = None) -> None:
     _sweep_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get what a normally created file gets
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get what a normally created file gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if fsync:

@@ -13,14 +13,15 @@ PACKAGE = REPO / "mlqpipe"
 ALLOWED = {
     "errors": set(),
     "fileio": set(),
+    "artifacts": {"errors", "fileio"},  # files and directory trees: digests, atomic directory writes
     "schema": set(),
     "quant": {"errors"},
-    "formats": {"errors", "fileio", "quant"},
-    "recipe": {"errors", "fileio", "schema", "formats"},  # formats: coremltools selector layer types (NN only)
-    "quality": {"errors", "fileio", "formats"},
-    "engine": {"errors", "fileio", "quant", "formats", "recipe", "quality"},
-    "build": {"errors", "fileio", "formats", "recipe", "engine", "quality", "mlqpipe"},
-    "cli": {"errors", "fileio", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
+    "formats": {"errors", "fileio", "artifacts", "quant"},
+    "recipe": {"errors", "fileio", "artifacts", "schema", "formats"},  # formats: coremltools selector layer types (NN only)
+    "quality": {"errors", "fileio", "artifacts", "formats"},
+    "engine": {"errors", "fileio", "artifacts", "quant", "formats", "recipe", "quality"},
+    "build": {"errors", "fileio", "artifacts", "formats", "recipe", "engine", "quality", "mlqpipe"},
+    "cli": {"errors", "fileio", "artifacts", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
     "mlqpipe": set(),  # __init__: the public names are loaded lazily, by name
 }
 

@@ -45,6 +45,18 @@ def file_sha256(path) -> str | None:
         return None
 
 
+def artifact_sha256(path) -> str | None:
+    """The digest to record for a model, output or data artifact: a file's is its sha256 (equal to
+    file_sha256), a directory's (an ML program) its tree digest (mlqpipe.artifacts); None when missing or
+    unusable as an artifact."""
+    from mlqpipe.artifacts import ArtifactError, digest
+
+    try:
+        return digest(path)
+    except (OSError, ArtifactError):
+        return None
+
+
 def current_versions(kernel: int) -> dict:
     import numpy
     from google.protobuf import __version__ as protobuf_version
