@@ -32,7 +32,7 @@ import mlqpipe  # noqa: E402
 from build_timing import RECIPE, describe, make_model as small_model  # noqa: E402
 from mlqpipe.formats.nn import proto  # noqa: E402
 from mlqpipe.quant.lut import kmeans_lut  # noqa: E402
-from mlqpipe.quant.packing import unpack_bits  # noqa: E402
+from mlqpipe.formats.nn.packing import unpack_msb_first  # noqa: E402
 
 MODES = [(8, "linear"), (4, "linear"), (8, "linear_symmetric"), (16, "linear"), (4, "linear_lut"), (4, "kmeans_lut"), (8, "kmeans_lut"), (None, "dequantization")]
 
@@ -348,7 +348,7 @@ def kmeans_end_to_end(src: Path, dst: Path, rep: int) -> dict:
     ours()  # warm-up run, not timed
     written = proto.Model.FromString(dst.read_bytes()).neuralNetwork.layers[0].innerProduct.weights
     table = np.asarray(written.quantization.lookupTableQuantization.floatValue, dtype=np.float32)
-    out = {"weights": int(w.size), "mlqpipe_mse": float(np.mean((w - table[unpack_bits(written.rawValue, w.size, 4)]) ** 2))}
+    out = {"weights": int(w.size), "mlqpipe_mse": float(np.mean((w - table[unpack_msb_first(written.rawValue, w.size, 4)]) ** 2))}
     try:
         from sklearn.cluster import KMeans
     except ImportError:

@@ -27,7 +27,8 @@ ALLOWED = {
 
 # inside the neural-network format, one way: messages -> structure -> weights/inventory -> check/version
 # -> I/O and checked save -> fold
-NN_ORDER = ["proto", "layers", "description", "structure", "weights", "inventory", "version", "check", "model", "fold"]
+NN_ORDER = ["proto", "layers", "description", "structure", "packing", "weights", "writers", "inventory", "version", "check",
+            "model", "fold"]
 
 
 def _modules():

@@ -14,7 +14,7 @@ from mlqpipe.formats.nn.model import CoreMLModel, load_model
 from mlqpipe.formats.nn.structure import neural_networks
 from mlqpipe.formats.nn.version import raise_versions
 from mlqpipe.errors import ModelError
-from mlqpipe.engine.modes import ModeSettings, apply_mode, check_settings
+from mlqpipe.engine.modes import MODES, ModeSettings, apply_mode, check_settings
 from mlqpipe.engine.ct_selectors import (  # noqa: F401  (re-exported: coremltools' names)
     AdvancedQuantizedLayerSelector,
     MatrixMultiplyLayerSelector,
@@ -23,15 +23,8 @@ from mlqpipe.engine.ct_selectors import (  # noqa: F401  (re-exported: coremltoo
 )
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE
 
-_CT_MODES = {
-    "linear": "linear",
-    "linear_symmetric": "linear_symmetric",
-    "linear_lut": "linear_lut",
-    "kmeans_lut": "kmeans_lut",
-    "kmeans": "kmeans_lut",
-    "custom_lut": "custom_lut",
-    "dequantization": "dequantize",
-}
+# coremltools' quantization_mode names -> ours (fp16 is nbits=16 there)
+_CT_MODES = {ct: m.name for m in MODES.values() for ct in m.coremltools_names}
 
 
 def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: str = "linear", sample_data=None, **kwargs) -> CoreMLModel:
@@ -48,9 +41,10 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     unknown = set(kwargs) - {"selector", "lut_function"}
     if unknown:
         raise TypeError(f"quantize_weights() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
-    if mode != "dequantize" and nbits == 16:
-        mode = "fp16"
+    if not MODES[mode].reads_quantized and nbits == 16:  # coremltools' 16 bits: the float16 mode
+        mode = next(name for name, entry in MODES.items() if entry.storage == "float16")
     check_settings(mode, nbits)
+    m = MODES[mode]
     model = load_model(full_precision_model)
     model.inherited_findings = input_findings(model.spec, model.source)  # already invalid: warn, keep going
     selector = kwargs.get("selector") or QuantizedLayerSelector()
@@ -58,8 +52,8 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
     if not any(True for _ in neural_networks(model.spec)):
         raise ModelError(f"{model.source}: a {model.model_type} model has no neural-network weights to quantize")
     # coremltools folds below 16 bits, each network as it reaches it (nested ones only if selected)
-    chosen = select_like_coremltools(model.spec, selector, fold=mode not in ("fp16", "dequantize"))
-    already = [rec for rec in chosen if rec.storage.is_quantized and mode != "dequantize"]
+    chosen = select_like_coremltools(model.spec, selector, fold=m.nbits is not None)
+    already = [rec for rec in chosen if rec.storage.is_quantized and not m.reads_quantized]
     if already:  # as coremltools: quantize the float weights, leave quantized ones as they are
         warnings.warn(f"{model.source}: {len(already)} weight(s) already quantized, left as they are: "
                       f"{', '.join(rec.where for rec in already)}", stacklevel=2)
@@ -67,8 +61,8 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
         if rec.updatable:
             warnings.warn(f"{rec.where}: updatable, left as it is (Core ML rejects quantized updatable weights)", stacklevel=2)
             continue
-        if rec.storage.is_quantized and mode != "dequantize":
+        if rec.storage.is_quantized and not m.reads_quantized:
             continue
         apply_mode(rec, settings)
-    raise_versions(model.spec, "fp16" if nbits == 16 else "quantized")  # coremltools keys this on nbits
+    raise_versions(model.spec, "float16" if nbits == 16 else "quantized")  # coremltools keys this on nbits, not the mode
     return model

@@ -9,7 +9,7 @@ from mlqpipe.formats.nn.inventory import inventory
 from mlqpipe.formats.nn.model import CoreMLModel, load_model
 from mlqpipe.formats.nn.version import raise_versions
 from mlqpipe.errors import MlqpipeError, RecipeError
-from mlqpipe.engine.modes import ModeSettings, apply_mode
+from mlqpipe.engine.modes import ModeSettings, apply_mode, mode_named
 from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
 from mlqpipe.recipe.problems import raise_problems
@@ -25,8 +25,9 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
         return plan
     decisions, problems, _ = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=model.source)
     raise_problems(problems)
+    mode = mode_named(stage.mode)
     lut_function = None
-    if stage.mode == "custom_lut":
+    if "function" in mode.needs:
         from mlqpipe.recipe.custom import load_code
 
         lut_function = load_code(stage.function, recipe.python_path, allow=allow_custom)
@@ -39,8 +40,8 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
     for rec in inventory(spec):
         if rec.id in chosen:
             changed |= apply_mode(rec, settings)
-    if changed and stage.mode != "dequantize":
-        raise_versions(spec, "fp16" if stage.mode == "fp16" else "quantized")
+    if changed and mode.version_floor:
+        raise_versions(spec, mode.version_floor)
     plan.decisions = decisions
     return plan
 

@@ -1,8 +1,12 @@
-"""Quantization modes applied to one weight record: the bridge from numpy kernels to WeightParams.
+"""The mode registry: one `Mode` per quantization mode, and applying a mode to one weight record.
 
-Every mode reads the blob's float values (float32, or float16 read as float16 values), runs one pure
-kernel from `mlqpipe.quant`, and rewrites the blob's storage. Quantized blobs are refused unless the mode
-is `dequantize`: quantizing codes again would be silent double rounding.
+Everything that differs between modes is a field here — names, bits, what a recipe stage needs, the
+storage and size afterwards, the specification-version floor, the kernel — so the plan, the build, the
+compatibility API and the recipe schema (kept equal to this table by tests/recipe/test_schema_modes.py)
+cannot disagree. A mode reads the blob's float values (float32, or float16 read as float16 values), runs
+its kernel from `mlqpipe.quant.kernels` and hands the neutral result to the format's writer. Quantized
+blobs are refused unless the mode reads them (`dequantize`): quantizing codes again would be silent double
+rounding.
 """
 
 from __future__ import annotations
@@ -10,16 +14,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
-from mlqpipe.formats.nn.inventory import WeightRecord
-from mlqpipe.formats.nn.weights import write_float16, write_float32, write_linear, write_lut
 from mlqpipe.errors import ModelError
-from mlqpipe.quant.linear import EXACT_MIN_SCALE, linear_lut, quantize_linear
-from mlqpipe.quant.lut import check_custom_lut, kmeans_lut
+from mlqpipe.formats.nn.inventory import WeightRecord
+from mlqpipe.formats.nn.weights import Storage
+from mlqpipe.formats.nn.writers import write_result
+from mlqpipe.quant import kernels
+from mlqpipe.quant.linear import EXACT_MIN_SCALE
 
-MODES = ("fp16", "linear", "linear_symmetric", "linear_lut", "kmeans_lut", "custom_lut", "dequantize")
-ALIASES = {"kmeans": "kmeans_lut", "dequantization": "dequantize", "float16": "fp16"}
+NBITS = (1, 8)  # what the neural-network format stores (numberOfBits); a mode may allow less
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One quantization mode, as every part of mlqpipe sees it."""
+
+    name: str
+    kernel: Callable  # (values, kernels.KernelSettings) -> a quant.results result
+    storage: str  # the weight's storage kind afterwards: float16, float32, linear or lut
+    nbits: tuple[int, int] | None = None  # the bits a stage may ask for; None: the mode takes no nbits
+    nbits_note: str = ""  # why the range is narrower than NBITS
+    aliases: tuple[str, ...] = ()  # other names `canonical_mode` accepts
+    coremltools_names: tuple[str, ...] = ()  # its quantization_mode names in coremltools' quantize_weights
+    needs: tuple[str, ...] = ()  # recipe stage keys it needs besides rules and nbits
+    coremltools_rounding: bool = False  # a stage may ask for coremltools' 1e-6 scale threshold
+    version_floor: str | None = "quantized"  # raise_versions' change after it ran (None: no floor)
+    done_if: str | None = None  # a storage kind that leaves nothing to do
+    reads_quantized: bool = False  # takes quantized weights (others refuse them)
+    checks_finite: bool = True  # False: the kernel meets NaN/Inf itself (ValueError), one pass fewer
+
+    def storage_after(self, nbits: int | None) -> Storage:
+        return Storage(self.storage, {"float16": 16, "float32": 32}.get(self.storage, nbits or 8))
+
+
+_LINEAR = dict(storage="linear", nbits=NBITS, coremltools_rounding=True, checks_finite=False)
+_LUT = dict(storage="lut", nbits=NBITS)
+
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("fp16", kernels.float16, "float16", aliases=("float16",), version_floor="float16", done_if="float16"),
+    Mode("linear", kernels.linear, coremltools_names=("linear",), **_LINEAR),
+    Mode("linear_symmetric", kernels.linear_symmetric, coremltools_names=("linear_symmetric",),
+         **{**_LINEAR, "nbits": (2, 8)}, nbits_note="1-bit symmetric quantization has no zero level"),
+    Mode("linear_lut", kernels.linear_lut, coremltools_names=("linear_lut",), coremltools_rounding=True, **_LUT),
+    Mode("kmeans_lut", kernels.kmeans_lut, aliases=("kmeans",), coremltools_names=("kmeans_lut", "kmeans"), **_LUT),
+    Mode("custom_lut", kernels.custom_lut, coremltools_names=("custom_lut",), needs=("function",), **_LUT),
+    Mode("dequantize", kernels.float32, "float32", aliases=("dequantization",), coremltools_names=("dequantization",),
+         version_floor=None, done_if="float32", reads_quantized=True),
+)}
+# a recipe stage's modes: the weight modes, and fold, which changes layers (formats/nn/fold.py), not weights
+STAGE_MODES = ("fold", *MODES)
+ALIASES = {alias: m.name for m in MODES.values() for alias in m.aliases}
 
 
 @dataclass(frozen=True)
@@ -37,106 +80,51 @@ def canonical_mode(mode: str) -> str:
     return ALIASES.get(mode, mode)
 
 
+def mode_named(mode: str) -> Mode:
+    """The registry entry of a mode or alias; an unknown name is refused, listing the modes."""
+    found = MODES.get(canonical_mode(mode))
+    if found is None:
+        raise ModelError(f"unknown quantization mode {canonical_mode(mode)!r}; choose one of {', '.join(MODES)}")
+    return found
+
+
 def check_settings(mode: str, nbits: int | None) -> None:
     """Refuse impossible mode / nbits combinations with a message saying what is allowed."""
-    mode = canonical_mode(mode)
-    if mode not in MODES:
-        raise ModelError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode in ("fp16", "dequantize"):
+    m = mode_named(mode)
+    if m.nbits is None:
         return
     if not isinstance(nbits, int) or isinstance(nbits, bool):
-        raise ModelError(f"{mode}: nbits must be an integer, got {nbits!r}")
-    if mode == "linear_symmetric" and nbits == 1:
-        raise ModelError("linear_symmetric: nbits must be 2..8 (1-bit symmetric quantization has no zero level)")
-    if not 1 <= nbits <= 8:
-        raise ModelError(f"{mode}: nbits must be 1..8, got {nbits} (use mode fp16 for 16-bit)")
+        raise ModelError(f"{m.name}: nbits must be an integer, got {nbits!r}")
+    lo, hi = m.nbits
+    if NBITS[0] <= nbits < lo:
+        raise ModelError(f"{m.name}: nbits must be {lo}..{hi} ({m.nbits_note})")
+    if not NBITS[0] <= nbits <= NBITS[1]:
+        raise ModelError(f"{m.name}: nbits must be {NBITS[0]}..{NBITS[1]}, got {nbits} (use mode fp16 for 16-bit)")
 
 
 def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
     """Rewrite `rec`'s blob in the given mode; returns False when there was nothing to do."""
-    mode = canonical_mode(settings.mode)
+    mode = mode_named(settings.mode)
     st = rec.storage
     if rec.count == 0:  # a layer with no weights (zero channels): nothing to quantize
         return False
-    if mode == "dequantize":
-        if st.kind == "float32":
-            return False
-        write_float32(rec.wp, rec.float_values().ravel())
-        if settings.keep_empty_quantization and st.kind in ("linear", "lut"):
-            rec.wp.quantization.SetInParent()
-        return True
-    if st.is_quantized:
+    if st.kind == mode.done_if:
+        return False
+    if not mode.reads_quantized and st.is_quantized:
         raise ModelError(
             f"{rec.where}: already quantized ({st}); dequantize it first (a `dequantize` stage, or "
             "quantization_mode='dequantization') before quantizing again"
         )
-    if st.kind == "conflict":
+    if not mode.reads_quantized and st.kind == "conflict":
         raise ModelError(f"{rec.where}: several storage fields are set; the model is invalid")
-    if mode == "fp16":
-        if st.kind == "float16":
-            return False
-        keep = settings.keep_empty_quantization and rec.wp.HasField("quantization")  # coremltools leaves it
-        write_float16(rec.wp, to_float16(rec.float_values(), rec.where))
-        if keep:
-            rec.wp.quantization.SetInParent()
-        return True
-    nbits = settings.nbits
-    if mode in ("linear", "linear_symmetric"):
-        w = rec.values()
-        rows, restore = channel_rows(w, rec.axis)
+    ks = kernels.KernelSettings(settings.nbits, rec.axis, settings.min_scale, settings.lut_function, rec.where)
+    if mode.checks_finite:
+        result = mode.kernel(rec.float_values(), ks)
+    else:
         try:
-            codes, scale, bias = quantize_linear(rows, nbits, mode == "linear_symmetric", settings.min_scale)
+            result = mode.kernel(rec.values(), ks)
         except ValueError:
             rec.float_values()  # NaN or Inf: raises ModelError naming the layer and the count
             raise
-        if rec.layer_type == "convolution" and rec.axis == 1 and rec.groups > 1:
-            # grouped deconvolution: Core ML wants 1 or outputChannels scales; the per-(out/groups) scales
-            # repeated for every group read the same whichever way a runtime indexes them
-            scale, bias = np.tile(scale, rec.groups), np.tile(bias, rec.groups)
-        write_linear(rec.wp, restore(codes), nbits, scale, bias)
-        return True
-    w = rec.float_values()
-    if mode == "linear_lut":
-        table, codes = linear_lut(w, nbits, settings.min_scale)
-        write_lut(rec.wp, codes, nbits, table)
-    elif mode == "kmeans_lut":
-        table, codes = kmeans_lut(w, nbits)
-        write_lut(rec.wp, codes, nbits, table)
-    elif mode == "custom_lut":
-        if settings.lut_function is None or not callable(settings.lut_function):
-            raise ModelError("custom_lut needs a callable lut_function(nbits, weights) -> (lut, quantized_indices)")
-        try:
-            result = settings.lut_function(nbits, w.copy())
-        except Exception as e:  # user code: say whose call failed and keep the cause
-            raise ModelError(f"{rec.where}: custom LUT function raised {type(e).__name__}: {e}") from e
-        try:
-            table, codes = check_custom_lut(result, nbits, w.size, rec.where)
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-        write_lut(rec.wp, codes, nbits, table)
-    else:  # pragma: no cover - check_settings guards this
-        raise ModelError(f"unknown mode {mode}")
+    write_result(rec, result, keep_empty_quantization=settings.keep_empty_quantization)
     return True
-
-
-def channel_rows(w: np.ndarray, axis: int | None):
-    """View weights as [channels, values] rows for per-channel scales, plus the inverse for the codes."""
-    if axis is None or w.ndim < 2:
-        return w.reshape(1, -1), lambda q: q.ravel()
-    moved = np.moveaxis(w, axis, 0)
-    shape = moved.shape
-    return moved.reshape(shape[0], -1), lambda q: np.moveaxis(q.reshape(shape), 0, axis).ravel()
-
-
-FLOAT16_OVERFLOW = 65520.0  # float32 values at or beyond this round to infinity in float16
-
-
-def to_float16(values: np.ndarray, where: str) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float32)
-    worst = float(np.max(np.abs(values))) if values.size else 0.0  # a float32 reduction: cheap
-    if worst >= FLOAT16_OVERFLOW:
-        raise ModelError(
-            f"{where}: values up to {worst:g} do not fit float16 (max 65504); keep this weight in float32 "
-            "(exclude it from the fp16 stage) or use an n-bit mode"
-        )
-    return values.astype(np.float16)

@@ -11,14 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from mlqpipe.formats.nn.check import precision_mix_findings
-from mlqpipe.formats.nn.inventory import WeightRecord, inventory
+from mlqpipe.formats.nn.inventory import inventory
 from mlqpipe.formats.nn.model import CoreMLModel, load_model
 from mlqpipe.formats.nn.version import raise_versions
 from mlqpipe.formats.nn.weights import Storage
+from mlqpipe.formats.nn.writers import stored_bytes
 from mlqpipe.errors import ModelError
 from mlqpipe.fileio import shown_path as _shown
 from mlqpipe.recipe.problems import Problem, dotted
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
+from mlqpipe.engine.modes import mode_named
 from mlqpipe.engine.select import NAME_LISTS, RuleMatcher, decide, entries_matching
 
 
@@ -65,28 +67,7 @@ class ModelPlan:
 
 
 def storage_after(stage: Stage) -> Storage:
-    if stage.mode == "fp16":
-        return Storage("float16", 16)
-    if stage.mode == "dequantize":
-        return Storage("float32", 32)
-    kind = "linear" if stage.mode in ("linear", "linear_symmetric") else "lut"
-    return Storage(kind, stage.nbits or 8)
-
-
-def estimate_bytes(rec: WeightRecord, st: Storage) -> int:
-    """Stored bytes of a blob of rec's size in storage `st` (quantization parameters included)."""
-    n = rec.count
-    if st.kind == "float32":
-        return 4 * n
-    if st.kind == "float16":
-        return 2 * n
-    packed = (n * st.nbits + 7) // 8
-    if st.kind == "lut":
-        return packed + 4 * (1 << st.nbits)
-    channels = rec.shape[rec.axis] if rec.axis is not None and rec.shape else 1
-    if rec.layer_type == "convolution" and rec.axis == 1:
-        channels *= rec.groups
-    return packed + 8 * channels
+    return mode_named(stage.mode).storage_after(stage.nbits)
 
 
 def matchers_for(stage: Stage, recipe: Recipe, allow_custom: bool | None) -> list[RuleMatcher]:
@@ -109,6 +90,7 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
             rec = replace(rec, storage=overlay[rec.id])
         records.append(rec)
     at = ("stages", stage_index(recipe, stage))
+    mode = mode_named(stage.mode)
     decisions, problems, after = [], [], {}
     for rec in records:
         match = decide(rec, matchers)
@@ -122,9 +104,9 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
             action, reason, new = "custom", f"decided at build time by custom code {recipe.rule(match.rule).python}", st
         elif rec.updatable:
             reason = "updatable weight: Core ML trains only float weights, left as it is"
-        elif stage.mode == "dequantize":
-            if st.kind == "float32":
-                reason = "already float32"
+        elif mode.reads_quantized:
+            if st.kind == mode.done_if:
+                reason = f"already {st.kind}"
             else:
                 action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         elif st.is_quantized:
@@ -134,14 +116,14 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
                                      f"which is already quantized ({st}) — selected by rule '{match.rule}'",
                                      f"add `storage: float32` (or [float32, float16]) to rule '{match.rule}' to leave quantized "
                                      "weights as they are, or add a dequantize stage before this one"))
-        elif stage.mode == "fp16" and st.kind == "float16":
-            reason = "already float16"
+        elif st.kind == mode.done_if:
+            reason = f"already {st.kind}"
         else:
             action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         after[rec.id] = new
         decisions.append(
             Decision(rec.id, rec.layer, rec.layer_type, rec.slot_path, tuple(rec.shape or ()), stage.name, action, match.rule,
-                     reason, str(st), str(new), estimate_bytes(rec, st) if st.kind != "empty" else 0, estimate_bytes(rec, new))
+                     reason, str(st), str(new), stored_bytes(rec, st) if st.kind != "empty" else 0, stored_bytes(rec, new))
         )
     problems += _precision_problems(records, after, stage, recipe, at)
     return decisions, problems, after
@@ -213,7 +195,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
     plan.problems += setting_problems(job, recipe, spec)
     overlay: dict = {}
     start = {r.id: r for r in inventory(spec)}
-    plan.bytes_before = sum(estimate_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
+    plan.bytes_before = sum(stored_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
     for i, stage in enumerate(job.stages):
         sp = StagePlan(stage)
         if stage.mode == "fold":
@@ -231,12 +213,13 @@ def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) ->
             sp.decisions = decisions
             plan.problems += problems
             overlay.update(after)
-            if stage.mode != "dequantize" and any(d.action == "quantize" for d in decisions):
-                raise_versions(spec, "fp16" if stage.mode == "fp16" else "quantized")  # as the build will
+            floor = mode_named(stage.mode).version_floor
+            if floor and any(d.action == "quantize" for d in decisions):
+                raise_versions(spec, floor)  # as the build will
         plan.stages.append(sp)
     plan.version_after = spec.specificationVersion
     final = inventory(spec)
-    plan.bytes_after = sum(estimate_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")
+    plan.bytes_after = sum(stored_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")
     return plan
 
 

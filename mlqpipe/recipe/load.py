@@ -13,7 +13,7 @@ from pathlib import Path
 from mlqpipe.fileio import shown_path as _shown
 from mlqpipe.recipe.custom import find_code
 from mlqpipe.recipe.problems import Problem, dotted, raise_problems
-from mlqpipe.recipe.schema_check import did_you_mean, schema_problems
+from mlqpipe.recipe.schema_check import did_you_mean, schema_problems, stage_nbits
 from mlqpipe.recipe.source import read_source
 from mlqpipe.recipe.types import CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
 
@@ -316,8 +316,9 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
         if "nbits" in o:
             if s.nbits is None:
                 problems.append(doc.problem(at + ("stages", s.name, "nbits"), f"stage '{s.name}' ({s.mode}) takes no nbits"))
-            elif s.mode == "linear_symmetric" and o["nbits"] < 2:
-                problems.append(doc.problem(at + ("stages", s.name, "nbits"), "linear_symmetric needs nbits 2..8"))
+            elif not stage_nbits(s.mode)[0] <= o["nbits"] <= stage_nbits(s.mode)[1]:  # the schema's per-mode range
+                lo, hi = stage_nbits(s.mode)
+                problems.append(doc.problem(at + ("stages", s.name, "nbits"), f"{s.mode} needs nbits {lo}..{hi}"))
             s = replace(s, nbits=o["nbits"])
         job_stages.append(s)
     gates = _gates({**{k: v for k, v in base_gates.__dict__.items() if v is not None}, **(settings.get("gates") or {})})

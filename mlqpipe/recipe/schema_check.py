@@ -8,10 +8,12 @@ import json
 from mlqpipe.schema import recipe_schema
 from mlqpipe.recipe.problems import Problem, dotted
 
-_NOT_ALLOWED = {"nbits": "fold, fp16 and dequantize stages take no nbits",
-                "function": "only custom_lut stages take a function",
-                "fold": "only fold stages take a fold list",
-                "coremltools_rounding": "only linear, linear_symmetric and linear_lut stages round like coremltools"}
+# key -> (whether the hint names the modes that take it, else those that do not; the hint's end): the mode
+# names come from the schema, itself kept equal to the mode registry by tests/recipe/test_schema_modes.py
+_NOT_ALLOWED = {"nbits": (False, "stages take no nbits"),
+                "function": (True, "stages take a function"),
+                "fold": (True, "stages take a fold list"),
+                "coremltools_rounding": (True, "stages round like coremltools")}
 
 
 def did_you_mean(word, candidates) -> str:
@@ -64,7 +66,7 @@ def _explain(error, locate) -> list[Problem]:
         return [_problem(locate, path, _one_of_message(schema, inst))]
     if kind == "not" and isinstance(inst, dict):
         bad = [k for k in _NOT_ALLOWED if k in inst and _forbidden(k, inst)]
-        return [_problem(locate, path + [k], f"'{k}' is not allowed for mode {inst.get('mode')!r}", _NOT_ALLOWED[k], key=True) for k in bad] or [
+        return [_problem(locate, path + [k], f"'{k}' is not allowed for mode {inst.get('mode')!r}", _not_allowed_hint(k), key=True) for k in bad] or [
             _problem(locate, path, error.message)
         ]
     if kind in ("minimum", "maximum"):
@@ -79,19 +81,68 @@ def _explain(error, locate) -> list[Problem]:
 
 
 def _forbidden(key: str, stage: dict) -> bool:
+    """Whether the schema's rules for this stage's mode forbid `key` (the schema is the recipe's copy of
+    the mode registry, engine/modes.py; tests keep the two equal)."""
     mode = stage.get("mode")
-    if key == "nbits":
-        return mode in ("fold", "fp16", "dequantize")
-    if key == "function":
-        return mode != "custom_lut"
-    if key == "coremltools_rounding":
-        return mode not in ("linear", "linear_symmetric", "linear_lut")
-    return mode != "fold"
+    for rule in _stage_schema()["allOf"]:
+        branch = rule.get("then") if _mode_holds(rule["if"], mode) else rule.get("else")
+        if branch and "not" in branch and key in _required_keys(branch["not"]):
+            return True
+    return False
+
+
+def stage_nbits(mode) -> tuple[int, int]:
+    """The nbits range the schema allows a stage of `mode` (whether it takes nbits at all: see _forbidden)."""
+    stage = _stage_schema()
+    bounds = stage["properties"]["nbits"]
+    lo, hi = bounds["minimum"], bounds["maximum"]
+    for rule in stage["allOf"]:
+        if _mode_holds(rule["if"], mode):
+            narrower = rule.get("then", {}).get("properties", {}).get("nbits", {})
+            lo, hi = narrower.get("minimum", lo), narrower.get("maximum", hi)
+    return lo, hi
+
+
+def _stage_schema() -> dict:
+    return recipe_schema()["$defs"]["stage"]
+
+
+def _mode_holds(condition: dict, mode) -> bool:
+    """An `if` of the stage schema on its mode (const, enum or not), as plain Python: a missing mode
+    matches no name."""
+    if "not" in condition:
+        return not _mode_holds(condition["not"], mode)
+    test = condition["properties"]["mode"]
+    return mode == test["const"] if "const" in test else mode in test["enum"]
+
+
+def _required_keys(schema: dict) -> list:
+    return list(schema.get("required", ())) + [k for sub in schema.get("anyOf", ()) for k in _required_keys(sub)]
+
+
+def _not_allowed_hint(key: str) -> str:
+    only, end = _NOT_ALLOWED[key]
+    named = [m for m in _stage_schema()["properties"]["mode"]["enum"] if _forbidden(key, {"mode": m}) != only]
+    return f"{'only ' if only else ''}{_and(named)} {end}"
+
+
+def _and(words: list) -> str:
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
+
+
+def _nbits_ranges() -> tuple[str, list[str]]:
+    """The stage nbits range ('1..8') and the modes that allow less ('linear_symmetric 2..8')."""
+    bounds = _stage_schema()["properties"]["nbits"]
+    base = (bounds["minimum"], bounds["maximum"])
+    takes = [m for m in _stage_schema()["properties"]["mode"]["enum"] if not _forbidden("nbits", {"mode": m})]
+    narrower = ["{} {}..{}".format(m, *stage_nbits(m)) for m in takes if stage_nbits(m) != base]
+    return f"{base[0]}..{base[1]}", narrower
 
 
 def _required_hint(key: str, inst) -> str:
     if key == "nbits":
-        return "n-bit modes need nbits: 1..8 (linear_symmetric 2..8)"
+        whole, narrower = _nbits_ranges()
+        return f"n-bit modes need nbits: {whole}" + (f" ({'; '.join(narrower)})" if narrower else "")
     if key == "rules":
         return "list the rules this stage applies, e.g. rules: [everything]"
     if key == "function":
@@ -100,7 +151,10 @@ def _required_hint(key: str, inst) -> str:
 
 
 def _bound_hint(path) -> str:
-    return "nbits is 1..8 (linear_symmetric 2..8; use mode fp16 for 16-bit)" if path and path[-1] == "nbits" else ""
+    if not (path and path[-1] == "nbits"):
+        return ""
+    whole, narrower = _nbits_ranges()
+    return f"nbits is {whole} ({'; '.join(narrower + ['use mode fp16 for 16-bit'])})"
 
 
 def _pattern_hint(pattern: str) -> str:

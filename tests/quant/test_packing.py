@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mlqpipe.quant.packing import pack_bits, packed_size, unpack_bits
+from mlqpipe.formats.nn.packing import pack_msb_first, packed_size, unpack_msb_first
 
 
 def _reference_pack(values, nbits):
@@ -16,31 +16,31 @@ def _reference_pack(values, nbits):
 def test_pack_matches_bitwise_definition_and_round_trips(case):
     nbits, values = case
     q = np.array(values, dtype=np.uint8)
-    packed = pack_bits(q, nbits)
+    packed = pack_msb_first(q, nbits)
     assert packed == _reference_pack(values, nbits)
     assert len(packed) == packed_size(len(values), nbits)
-    assert unpack_bits(packed, len(values), nbits).tolist() == values
+    assert unpack_msb_first(packed, len(values), nbits).tolist() == values
 
 
 @settings(max_examples=30)
 @given(st.integers(1, 8), st.integers(1, 5000), st.integers(0, 2**32 - 1))
 def test_round_trip_large(nbits, count, seed):
     q = np.random.default_rng(seed).integers(0, 2**nbits, count).astype(np.uint8)
-    assert np.array_equal(unpack_bits(pack_bits(q, nbits), count, nbits), q)
+    assert np.array_equal(unpack_msb_first(pack_msb_first(q, nbits), count, nbits), q)
 
 
 def test_known_layout():
-    assert pack_bits(np.array([1, 2, 3]), 4) == bytes([0x12, 0x30])
-    assert pack_bits(np.array([1, 0, 1]), 1) == bytes([0b10100000])
-    assert pack_bits(np.array([5, 3]), 3) == bytes([0b10101100])
+    assert pack_msb_first(np.array([1, 2, 3]), 4) == bytes([0x12, 0x30])
+    assert pack_msb_first(np.array([1, 0, 1]), 1) == bytes([0b10100000])
+    assert pack_msb_first(np.array([5, 3]), 3) == bytes([0b10101100])
 
 
 def test_unpack_refuses_short_data():
     with pytest.raises(ValueError, match="fewer than 9 values"):
-        unpack_bits(b"\x00", 9, 1)
+        unpack_msb_first(b"\x00", 9, 1)
 
 
 @pytest.mark.parametrize("nbits", [0, 9])
 def test_nbits_range(nbits):
     with pytest.raises(ValueError, match="nbits must be 1..8"):
-        pack_bits(np.zeros(3, np.uint8), nbits)
+        pack_msb_first(np.zeros(3, np.uint8), nbits)

@@ -9,6 +9,8 @@ from mlqpipe.formats.nn.structure import NN_TYPES, PIPELINE_TYPES, pipeline_of
 
 FP16_SPEC_VERSION = 2
 QUANTIZED_SPEC_VERSION = 3
+# the floor each kind of change needs: float16 storage, or quantized (n-bit) storage
+FLOORS = {"float16": FP16_SPEC_VERSION, "quantized": QUANTIZED_SPEC_VERSION}
 # the first OS release of each specification version: what the version means to a team shipping an app
 DEPLOYMENT_TARGETS = {1: "iOS 11", 2: "iOS 11.2", 3: "iOS 12", 4: "iOS 13", 5: "iOS 14", 6: "iOS 15", 7: "iOS 16",
                       8: "iOS 17", 9: "iOS 18", 10: "iOS 26"}
@@ -27,9 +29,10 @@ def version_change(before: int, after: int) -> str | None:
 
 
 def raise_versions(spec, change: str) -> None:
-    """Raise every neural network's version for an fp16 or quantized change, as coremltools does, and
-    make each pipeline's version at least its sub-models' (coremltools forgets the outer one)."""
-    floor = FP16_SPEC_VERSION if change == "fp16" else QUANTIZED_SPEC_VERSION
+    """Raise every neural network's version for a change of kind `change` (a key of FLOORS: float16 or
+    quantized), as coremltools does, and make each pipeline's version at least its sub-models'
+    (coremltools forgets the outer one)."""
+    floor = FLOORS[change]
     kind = spec.WhichOneof("Type")
     if kind in NN_TYPES:
         spec.specificationVersion = max(floor, spec.specificationVersion)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlqpipe.errors import ModelError
-from mlqpipe.quant.packing import pack_bits, unpack_bits
+from mlqpipe.formats.nn.packing import unpack_msb_first
 
 STORAGE_FIELDS = ("floatValue", "float16Value", "rawValue", "int8RawValue")
 
@@ -127,7 +127,7 @@ def _dequantize(wp, st: Storage, count: int, where: str, shape, axis, groups) ->
     if not 1 <= st.nbits <= 8:
         raise ModelError(f"{where}: quantized with numberOfBits={st.nbits}; Core ML allows 1..8")
     try:
-        codes = unpack_bits(wp.rawValue, count, st.nbits)
+        codes = unpack_msb_first(wp.rawValue, count, st.nbits)
     except ValueError as e:
         raise ModelError(f"{where}: {e}") from None
     if st.kind == "lut":
@@ -176,32 +176,18 @@ def _affine(codes, scale, bias, shape, axis, groups, where) -> np.ndarray:
     raise ModelError(f"{where}: {scale.size} quantization scales do not match the output channels of shape {shape}")
 
 
-def _clear(wp) -> None:
+def clear_storage(wp) -> None:
     for f in STORAGE_FIELDS:
         wp.ClearField(f)
     wp.ClearField("quantization")
 
 
 def write_float32(wp, values: np.ndarray) -> None:
-    _clear(wp)
+    clear_storage(wp)
     wp.floatValue = np.ascontiguousarray(values, dtype="<f4").tobytes()
 
 
 def write_float16(wp, values: np.ndarray) -> None:
-    _clear(wp)
+    clear_storage(wp)
     wp.float16Value = np.ascontiguousarray(values, dtype="<f2").tobytes()
 
-
-def write_linear(wp, codes: np.ndarray, nbits: int, scale: np.ndarray, bias: np.ndarray) -> None:
-    _clear(wp)
-    wp.quantization.numberOfBits = nbits
-    wp.quantization.linearQuantization.scale.extend(np.asarray(scale, dtype=np.float32).tolist())
-    wp.quantization.linearQuantization.bias.extend(np.asarray(bias, dtype=np.float32).tolist())
-    wp.rawValue = pack_bits(codes, nbits)
-
-
-def write_lut(wp, codes: np.ndarray, nbits: int, table: np.ndarray) -> None:
-    _clear(wp)
-    wp.quantization.numberOfBits = nbits
-    wp.quantization.lookupTableQuantization.floatValue.extend(np.asarray(table, dtype=np.float32).tolist())
-    wp.rawValue = pack_bits(codes, nbits)

@@ -1,7 +1,8 @@
-"""Bit packing in Core ML's `rawValue` layout.
+"""Bit packing of the neural-network format's `rawValue`: most significant bit first.
 
-Each n-bit value is written most significant bit first, values are concatenated into one big-endian bit
-stream, and the stream is padded with zero bits to a whole byte. Eight n-bit values always fill exactly n
+The layout is this format's, not the kernels' (ML programs pack their sub-byte types least significant bit
+first), hence the names. Each n-bit value is written most significant bit first, values are concatenated
+into one big-endian bit stream, and the stream is padded with zero bits to a whole byte. Eight n-bit values always fill exactly n
 bytes, so both directions work on groups of eight values held in one 64-bit integer: no per-element Python.
 """
 
@@ -17,7 +18,7 @@ def packed_size(count: int, nbits: int) -> int:
     return (count * nbits + 7) // 8
 
 
-def pack_bits(values: np.ndarray, nbits: int) -> bytes:
+def pack_msb_first(values: np.ndarray, nbits: int) -> bytes:
     """Pack unsigned integers < 2**nbits into Core ML's big-endian bit stream."""
     _check_nbits(nbits)
     q = np.ascontiguousarray(values, dtype=np.uint8).ravel()
@@ -42,8 +43,8 @@ def pack_bits(values: np.ndarray, nbits: int) -> bytes:
     return stream.tobytes()[: packed_size(count, nbits)]
 
 
-def unpack_bits(data: bytes, count: int, nbits: int) -> np.ndarray:
-    """Inverse of `pack_bits`: the first `count` values of the stream as uint8."""
+def unpack_msb_first(data: bytes, count: int, nbits: int) -> np.ndarray:
+    """Inverse of `pack_msb_first`: the first `count` values of the stream as uint8."""
     _check_nbits(nbits)
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size < packed_size(count, nbits):
