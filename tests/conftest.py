@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # Hypothesis: deterministic in CI (the same examples every run, so a red CI is reproducible); random locally,
@@ -34,14 +33,6 @@ def real_model(request) -> Path:
     if request.param == "<absent>":
         pytest.skip("../shared/models is absent")
     return SHARED_MODELS / request.param
-
-
-def snr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    noise = ref - np.asarray(approx, dtype=np.float64).ravel()
-    if not np.any(noise):
-        return float("inf")
-    return float(10 * np.log10(np.sum(ref**2) / np.sum(noise**2)))
 
 
 def _inputs() -> list[Path]:

@@ -8,18 +8,9 @@ modules with the same basename in different folders cannot both be collected.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-
-def snr_db(reference, approx) -> float:
-    """10·log10(Σw² / Σ(w − wq)²); +inf when the two are identical."""
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    noise = ref - np.asarray(approx, dtype=np.float64).ravel()
-    energy = float(np.sum(noise**2))
-    if energy == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(float(np.sum(ref**2)) / energy))
+from tests.metrics import snr_db
 
 
 @pytest.fixture

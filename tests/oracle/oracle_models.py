@@ -3,6 +3,10 @@
 Imported by the oracle test modules after `pytest.importorskip("coremltools")`, so this module may import
 coremltools at the top. Every model is deterministic: weights come from numpy's default_rng with fixed
 seeds, and every builder returns a fresh `Model_pb2.Model`.
+
+Two families of builders: the zoo's (`new_model`, `conv`, `inner`, ...: declared inputs and outputs,
+per-channel ranges) and the plain ones (`plain_model`, `plain_conv`, `plain_inner`, `rnd`: no declared
+features, plain normal weights, bias seed = weight seed + 1) that test_oracle_zoo.py builds on.
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ def first_difference(a, b, path: str = "model") -> str:
 def _label(msg, i):
     name = getattr(msg, "name", None) if hasattr(msg, "DESCRIPTOR") and "name" in msg.DESCRIPTOR.fields_by_name else None
     return f"{i}:{name}" if name else str(i)
+
+
+def canonical(data: bytes) -> bytes:
+    """Deterministic serialization of serialized model bytes."""
+    return Model_pb2.Model.FromString(data).SerializeToString(deterministic=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,6 +362,47 @@ def simple_rnn(net, name, inp, out, i, o, seed=0):
     set_wp(p.weightMatrix, rand((o, i), seed))
     set_wp(p.recursionMatrix, rand((o, o), seed + 1))
     set_wp(p.biasVector, rand(o, seed + 2))
+    return layer
+
+
+# --- plain builders: bare models without declared features ---------------------------------------------
+
+
+def rnd(*shape, seed=0, scale=0.1) -> np.ndarray:
+    """Plain normal float32 values (no per-channel ranges)."""
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def plain_model(kind: str = "neuralNetwork") -> Model_pb2.Model:
+    """specificationVersion 1, an empty network of `kind`, no description."""
+    m = Model_pb2.Model(specificationVersion=1)
+    getattr(m, kind).SetInParent()
+    return m
+
+
+def plain_conv(net, name, inp, out, oc, kc, k=3, groups=1, bias=True, deconv=False, seed=0, fp16=False):
+    layer = net.layers.add(name=name, input=[inp], output=[out])
+    c = layer.convolution
+    c.outputChannels, c.kernelChannels, c.nGroups = oc, kc, groups
+    c.kernelSize.extend([k, k])
+    c.valid.SetInParent()
+    c.isDeconvolution = deconv
+    shape = (kc, oc // groups, k, k) if deconv else (oc, kc, k, k)
+    set_wp(c.weights, rnd(*shape, seed=seed), fp16)
+    if bias:
+        c.hasBias = True
+        set_wp(c.bias, rnd(oc, seed=seed + 1), fp16)
+    return layer
+
+
+def plain_inner(net, name, inp, out, ic, oc, bias=True, seed=0, fp16=False):
+    layer = net.layers.add(name=name, input=[inp], output=[out])
+    p = layer.innerProduct
+    p.inputChannels, p.outputChannels = ic, oc
+    set_wp(p.weights, rnd(oc, ic, seed=seed), fp16)
+    if bias:
+        p.hasBias = True
+        set_wp(p.bias, rnd(oc, seed=seed + 1), fp16)
     return layer
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlqpipe.quality.evaluate.context import Unsupported
-from tests.evaluate import harness as H
+from tests.quality.evaluate import harness as H
 
 N, S, I = 3, 5, 3  # samples, steps, input size
 
@@ -296,7 +296,7 @@ def test_sequence_data_for_a_rank1_input_reaches_an_lstm():
     """Sequence data (N, S, C) for a model input declared [C]: Core ML runs it as S steps."""
     import numpy as np
 
-    from tests.evaluate import harness
+    from tests.quality.evaluate import harness
 
     b = harness.builder([("x", (4,))], [("y", None)], nd=False)
     rng = np.random.default_rng(3)

@@ -9,8 +9,8 @@ import pytest
 
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities
-from tests.evaluate import model_specs as ms
-from tests.evaluate.harness import assert_close
+from tests.quality.evaluate import model_specs as ms
+from tests.quality.evaluate.harness import assert_close
 
 sk_pre = pytest.importorskip("sklearn.preprocessing")
 

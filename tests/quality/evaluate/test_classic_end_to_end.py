@@ -8,7 +8,7 @@ import numpy as np
 import mlqpipe
 from mlqpipe.formats.nn.inventory import inventory
 from mlqpipe.quality.evaluate.compare import evaluate
-from tests.evaluate import harness as H
+from tests.quality.evaluate import harness as H
 
 
 def _model():

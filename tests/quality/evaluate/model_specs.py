@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlqpipe.quality.evaluate.models import run_model
-from tests.evaluate.harness import coremltools, spec_of
+from tests.quality.evaluate.harness import coremltools, spec_of
 
 
 def datatypes():

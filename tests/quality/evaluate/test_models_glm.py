@@ -8,8 +8,8 @@ import pytest
 
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities
-from tests.evaluate import model_specs as ms
-from tests.evaluate.harness import assert_close
+from tests.quality.evaluate import model_specs as ms
+from tests.quality.evaluate.harness import assert_close
 
 linear_model = pytest.importorskip("sklearn.linear_model")
 

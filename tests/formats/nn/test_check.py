@@ -452,7 +452,7 @@ def test_spec_version_unknown_matches_core_ml(coreml_validate, tmp_path):
 def test_structure_rules_on_real_and_demo_models(real_model):
     from mlqpipe.formats.nn.check import structure_findings
 
-    for path in [real_model, *sorted(Path(__file__).resolve().parents[2].glob("pipelines/demo/*.mlmodel"))]:
+    for path in [real_model, *sorted(Path(__file__).resolve().parents[3].glob("pipelines/demo/*.mlmodel"))]:
         assert structure_findings(load_model(path).spec) == [], path
 
 

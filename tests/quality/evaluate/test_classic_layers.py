@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlqpipe.quality.evaluate.context import Unsupported
-from tests.evaluate import harness as H
+from tests.quality.evaluate import harness as H
 
 N = 3  # samples per test
 

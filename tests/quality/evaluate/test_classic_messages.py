@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from mlqpipe.quality.evaluate import messages
-from tests.evaluate import harness as H
+from tests.quality.evaluate import harness as H
 
 CLASSIC = ["pooling", "flatten", "reshape", "permute", "concat", "add", "multiply", "softmax", "padding", "crop", "upsample",
            "resizeBilinear", "cropResize", "lrn", "mvn", "l2normalize", "reorganizeData", "sequenceRepeat", "split", "slice",

@@ -5,7 +5,7 @@ import pytest
 
 import mlqpipe
 from mlqpipe.formats.nn.check import check_spec
-from tests.conftest import snr_db
+from tests.metrics import snr_db
 
 MODES = [(n, "linear") for n in range(1, 9)] + [
     (8, "linear_symmetric"),

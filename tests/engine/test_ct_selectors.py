@@ -65,10 +65,9 @@ def test_unused_bias_left_float_by_every_route(tmp_path, monkeypatch, rule):
 
 def test_unused_bias_as_coremltools_leaves_it():
     pytest.importorskip("coremltools")
-    from tests.oracle_ct import ctmodels
+    from tests.oracle import oracle_models
 
-    ctmodels.setup()
-    spec = ctmodels.ct_quantize(unused_bias_model(), 8, "linear")
+    spec = oracle_models.ct_quantize(unused_bias_model(), 8, "linear")
     assert spec.neuralNetwork.layers[0].innerProduct.bias.floatValue  # still float32
     assert not spec.neuralNetwork.layers[0].innerProduct.weights.floatValue  # quantized
 

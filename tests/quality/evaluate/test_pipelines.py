@@ -11,8 +11,8 @@ import mlqpipe
 from mlqpipe.formats.nn.model import load_model
 from mlqpipe.quality.evaluate.compare import FloatCache, evaluate
 from mlqpipe.quality.evaluate.context import Unsupported
-from tests.evaluate import model_specs as ms
-from tests.evaluate.harness import assert_close
+from tests.quality.evaluate import model_specs as ms
+from tests.quality.evaluate.harness import assert_close
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.datasets import load_iris  # noqa: E402
