@@ -76,7 +76,8 @@ def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, p
 
     model.inherited_findings = input_findings(specs[0], str(job.input), warn=warn or _warn)
     try:
-        report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir)
+        restoring = frozenset(s.name for s in job.stages if s.mode != "fold" and mode_named(s.mode).reads_quantized)
+        report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir, restoring=restoring)
     except GateFailure as e:
         write_report(e.report, job, recipe, recipe.report.formats, specs)
         remove_output(job)

@@ -95,14 +95,15 @@ def _evaluate(job, specs: list, cache_dir):
                         cache=FloatCache(cache_dir) if cache_dir else None, what=str(job.input.name))
 
 
-def assess(job, recipe, specs: list, decisions_by_stage=None, cache_dir=None) -> dict:
+def assess(job, recipe, specs: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset()) -> dict:
     """The report of one built model, gates applied. Raises GateFailure when a gate fails. `cache_dir`: where
-    the float model's outputs on the data are kept between builds (None: not kept)."""
+    the float model's outputs on the data are kept between builds (None: not kept); `restoring`: stages
+    that dequantize (see report.flags)."""
     evaluation = None
     wants_eval = job.evaluation is not None or any(getattr(job.gates, g) is not None for g in EVALUATION_GATES)
     if wants_eval:
         evaluation = _evaluate(job, specs, cache_dir)
-    report = build_report(job, recipe, specs, decisions_by_stage, evaluation)
+    report = build_report(job, recipe, specs, decisions_by_stage, evaluation, restoring)
     rule_snr = {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None}
     sizes = (report["totals"]["bytes_before"], report["totals"]["bytes_after"])
     allow = bool(job.evaluation and job.evaluation.allow_unevaluated)

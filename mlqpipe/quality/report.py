@@ -72,9 +72,10 @@ def stage_rows(specs: list, stages, decisions_by_stage: list | None = None) -> l
     return rows
 
 
-def flags(rows: list[dict]) -> list[dict]:
-    """Weights whose SNR is far below the rest of the model's quantized weights."""
-    finite = [r["snr_db"] for r in rows if r["mode"] != "dequantize" and math.isfinite(r["snr_db"])]
+def flags(rows: list[dict], restoring=frozenset()) -> list[dict]:
+    """Weights whose SNR is far below the rest of the model's quantized weights. `restoring`: names of
+    stages that give float values back (dequantize; the engine's mode registry says which) — not counted."""
+    finite = [r["snr_db"] for r in rows if r["stage"] not in restoring and math.isfinite(r["snr_db"])]
     if len(finite) < 3:
         return []
     median = float(np.median(finite))
@@ -92,7 +93,7 @@ def set_gates(report: dict, gates: list[dict]) -> None:
     report["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
 
 
-def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=None) -> dict:
+def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=None, restoring=frozenset()) -> dict:
     """The report without gates (see `set_gates`); `_rows` keeps the raw floats the gates read."""
     rows = stage_rows(specs, job.stages, decisions_by_stage)
     before = len(specs[0].SerializeToString())
@@ -109,7 +110,7 @@ def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=N
                                   "deployment_target_before": deployment_target(specs[0].specificationVersion),
                                   "deployment_target_after": deployment_target(specs[-1].specificationVersion)},
         "weights": [{k: _num(v) for k, v in r.items()} for r in rows],
-        "flags": [{k: _num(v) for k, v in f.items()} for f in flags(rows)],
+        "flags": [{k: _num(v) for k, v in f.items()} for f in flags(rows, restoring)],
         "evaluation": None if evaluation is None else {k: _num(v) if not isinstance(v, dict) else
                                                       {n: {m: _num(x) for m, x in d.items()} for n, d in v.items()}
                                                       for k, v in evaluation.as_dict().items()},
