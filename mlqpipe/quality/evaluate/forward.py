@@ -84,16 +84,19 @@ def _params(layer, kind):
 
 def _reads(network) -> set[str]:
     """Every blob name the network's layers read, nested networks included."""
-    names = set()
-    for layer in network.layers:
-        names.update(layer.input)
-        kind = layer.WhichOneof("layer")
-        if kind in ("branch", "loop"):
-            p = getattr(layer, kind)
-            for sub in ((p.ifBranch, p.elseBranch) if kind == "branch" else (p.conditionNetwork, p.bodyNetwork)):
-                names |= _reads(sub)
-            if kind == "loop" and p.conditionVar:
-                names.add(p.conditionVar)
+    return set().union(*(_reads_of(layer) for layer in network.layers))
+
+
+def _reads_of(layer) -> set[str]:
+    """The blobs one layer reads: its inputs, and for branch / loop everything its sub-networks read."""
+    names = set(layer.input)
+    kind = layer.WhichOneof("layer")
+    if kind in ("branch", "loop"):
+        p = getattr(layer, kind)
+        for sub in ((p.ifBranch, p.elseBranch) if kind == "branch" else (p.conditionNetwork, p.bodyNetwork)):
+            names |= _reads(sub)
+        if kind == "loop" and p.conditionVar:
+            names.add(p.conditionVar)
     return names
 
 
@@ -106,10 +109,8 @@ def run_network(nn, model_spec, feeds: dict[str, np.ndarray], model_path: str = 
     weights = weights or Weights(model_spec, model_path)
     blobs = dict(feeds)
     layers = list(nn.layers)
-    last_read = {}
-    for i, layer in enumerate(layers):
-        for name in _reads_of(layer):
-            last_read[name] = i
+    reads = [_reads_of(layer) for layer in layers]
+    last_read = {name: i for i, names in enumerate(reads) for name in names}
     for i, layer in enumerate(layers):
         kind = layer.WhichOneof("layer")
         fn = LAYERS.get(kind)
@@ -131,27 +132,13 @@ def run_network(nn, model_spec, feeds: dict[str, np.ndarray], model_path: str = 
             for name, value in zip(layer.output, outs if isinstance(outs, (list, tuple)) else [outs]):
                 blobs[name] = np.asarray(value, dtype=np.float32)
         if keep is not None:
-            for name in set(layer.input) | _nested_reads(layer):
+            for name in reads[i]:
                 if last_read.get(name) == i and name not in keep:
                     blobs.pop(name, None)
     return blobs if keep is None else {k: v for k, v in blobs.items() if k in keep}
 
 
 OPTIONAL_INPUTS = {"uniDirectionalLSTM", "biDirectionalLSTM", "gru", "simpleRecurrent"}  # initial states may be absent
-
-
-def _nested_reads(layer) -> set[str]:
-    kind = layer.WhichOneof("layer")
-    if kind not in ("branch", "loop"):
-        return set()
-    p = getattr(layer, kind)
-    subs = (p.ifBranch, p.elseBranch) if kind == "branch" else (p.conditionNetwork, p.bodyNetwork)
-    names = set().union(*(_reads(s) for s in subs))
-    return names | ({p.conditionVar} if kind == "loop" and p.conditionVar else set())
-
-
-def _reads_of(layer) -> set[str]:
-    return set(layer.input) | _nested_reads(layer)
 
 
 # --- control flow (NeuralNetwork.proto): sub-networks see the enclosing blobs and write into them. Samples may
