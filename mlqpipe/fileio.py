@@ -15,6 +15,11 @@ def shown_path(path) -> str:
         return str(path)
 
 
+def posix_path(path) -> str:
+    """A path as lock files, reports and task names record it: relative, with forward slashes."""
+    return Path(shown_path(path)).as_posix()
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)

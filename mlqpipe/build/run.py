@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mlqpipe.build.console import BuildReporter
+from mlqpipe.fileio import posix_path
 from mlqpipe.build.tasks import BuildOptions, tasks_from_recipes
 
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
@@ -25,7 +26,11 @@ def task_mlqpipe():
     and this build reads its tasks again afterwards, so each task goes out as a copy one level deep (the
     values inside are never mutated; a deep copy cost a tenth of a no-op build)."""
     for task in _tasks():
-        yield {k: list(v) if isinstance(v, list) else (dict(v) if isinstance(v, dict) else v) for k, v in task.items()}
+        yield _task_copy(task)
+
+
+def _task_copy(task: dict) -> dict:
+    return {k: list(v) if isinstance(v, list) else (dict(v) if isinstance(v, dict) else v) for k, v in task.items()}
 
 
 def _heal_state(dep_file: Path) -> None:
@@ -126,12 +131,8 @@ def _current(options: BuildOptions) -> tuple[set[str], set[str]]:
         if task.get("basename") == "mlqpipe-lock":
             recipes = set(task["meta"]["mlqpipe"]["recipes"])
         if task.get("basename", "").endswith("/output"):
-            outs.add(Path(os.path.relpath(task["meta"]["mlqpipe"]["output"])).as_posix())
+            outs.add(posix_path(task["meta"]["mlqpipe"]["output"]))
     return outs, recipes
-
-
-def _current_outputs(options: BuildOptions) -> set[str]:
-    return _current(options)[0]
 
 
 def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
@@ -174,8 +175,6 @@ def _stale_file(options: BuildOptions) -> Path:
 
 def _dry_run(options: BuildOptions) -> int:
     """What a build would rebuild, asked of doit's own dependency state (read only: nothing is written)."""
-    import copy
-
     from doit.control import TaskControl
     from doit.dependency import Dependency, SqliteDB
     from doit.loader import generate_tasks
@@ -184,7 +183,7 @@ def _dry_run(options: BuildOptions) -> int:
     if any(t.get("basename") == "mlqpipe-invalid-recipes" for t in tasks):
         status = _doit(["run"], options)  # prints the located problems
         return 2 if status else 0
-    control = TaskControl(generate_tasks("mlqpipe", (copy.deepcopy(t) for t in tasks)))
+    control = TaskControl(generate_tasks("mlqpipe", (_task_copy(t) for t in tasks)))
     dep_file = Path(options.state_dir) / "doit.sqlite3"
     outputs = [name for name in control.tasks if name.endswith("/output")]
     if dep_file.exists():
@@ -239,7 +238,7 @@ def outcomes(options: BuildOptions, events: list[dict]) -> list[dict]:
         json_report = meta["json_report"]
         report = report_of(json_report) if json_report and build != "not run" else None
         status = "FAILED" if build == "failed" else ("-" if build == "not run" else (report or {}).get("status", "passed"))
-        rows.append({"output": Path(os.path.relpath(meta["output"])).as_posix(), "build": build, "status": status, "report": report})
+        rows.append({"output": posix_path(meta["output"]), "build": build, "status": status, "report": report})
     return rows
 
 

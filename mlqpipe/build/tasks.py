@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlqpipe.fileio import posix_path as _posix
 from mlqpipe.fileio import shown_path as _rel
 from mlqpipe.recipe.problems import Problem
 from mlqpipe.build.cache import CACHE_FORMAT
@@ -146,7 +147,7 @@ def _quality_config(recipe, job) -> dict:
 def _task_prefix(recipe_path: Path, job) -> str:
     """Task names are basenames (no ':'), so they can name each other in task_dep from any dodo.py."""
     model = Path(os.path.relpath(job.input, Path(recipe_path).parent)).as_posix()
-    return f"mlqpipe/{Path(_rel(recipe_path)).with_suffix('').as_posix()}/{model}"
+    return f"mlqpipe/{Path(_posix(recipe_path)).with_suffix('').as_posix()}/{model}"
 
 
 def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs):
@@ -185,15 +186,16 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
         for job in recipe.models:
             yield from _job_tasks(recipe, job, options)
             outputs.append((f"{_task_prefix(recipe.path, job)}/output", str(job.output)))
+    recipe_names = [_posix(r.path) for r in recipes]
     if options.lock_file:
         yield {
             "basename": "mlqpipe-lock",
-            "actions": [(write_lock, [[o for _, o in outputs], [Path(_rel(r.path)).as_posix() for r in recipes], options.as_args()])],
+            "actions": [(write_lock, [[o for _, o in outputs], recipe_names, options.as_args()])],
             "task_dep": [name for name, _ in outputs],
             # recipes: a change to one model's settings refreshes the recorded recipe digest of every output
             "file_dep": [o for _, o in outputs] + sorted({str(f) for r in recipes for f in r.files}),
             "targets": [options.lock_file],
-            "meta": {"mlqpipe": {"outputs": [o for _, o in outputs], "recipes": [Path(_rel(r.path)).as_posix() for r in recipes]}},
+            "meta": {"mlqpipe": {"outputs": [o for _, o in outputs], "recipes": recipe_names}},
             "uptodate": [config_changed({"kernel": KERNEL_VERSION, "outputs": [o for _, o in outputs]})],
             "doc": "record inputs, recipe, stage keys and output digests of every output",
             "clean": True,
@@ -297,10 +299,6 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
     for problem in cache.problems:
         _log(options, {"event": "cache-problem", "message": problem})
     return steps, keys, computed
-
-
-def _posix(path) -> str:
-    return Path(_rel(path)).as_posix()
 
 
 def lock_entry(recipe, job, *, status: str, output_sha256=None, input_sha256=None, keys=(), gates=(), failure=None) -> dict:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mlqpipe.fileio import posix_path
 from mlqpipe.formats.nn.inventory import inventory
 from mlqpipe.formats.nn.version import deployment_target, version_change
 
@@ -98,13 +98,12 @@ def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=N
     rows = stage_rows(specs, job.stages, decisions_by_stage)
     before = len(specs[0].SerializeToString())
     after = len(specs[-1].SerializeToString())
-    rel = lambda p: Path(os.path.relpath(p)).as_posix()  # noqa: E731
     return {
         "report_format": REPORT_FORMAT,
         "status": "passed",
-        "input": rel(job.input),
-        "output": rel(job.output),
-        "recipe": rel(recipe.path),
+        "input": posix_path(job.input),
+        "output": posix_path(job.output),
+        "recipe": posix_path(recipe.path),
         "totals": {"bytes_before": before, "bytes_after": after, "compression": round(before / after, 4) if after else None},
         "specification_version": {"before": specs[0].specificationVersion, "after": specs[-1].specificationVersion,
                                   "deployment_target_before": deployment_target(specs[0].specificationVersion),
