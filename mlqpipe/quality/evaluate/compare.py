@@ -20,11 +20,11 @@ import numpy as np
 from mlqpipe.formats.nn.description import read_description
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities, run_model
+from mlqpipe.quality.evaluate.settings import CLASSIFIER_TYPES, array_name
 
 EVALUATOR_VERSION = 3  # bump when evaluation results change: invalidates cached float outputs
 DEFAULT_MEMORY_MB = 512  # activations of one batch (weights come on top: about the float model's size)
 PROGRESS_AFTER_S = 2.0
-CLASSIFIERS = ("neuralNetworkClassifier", "pipelineClassifier")
 
 
 @dataclass
@@ -69,7 +69,7 @@ def input_features(spec, data: dict | None, names: dict, samples: int | None, se
             else:
                 raise Unsupported(f"input {f.name!r} of type {kind} cannot be generated")
         else:
-            key = names.get(f.name) or (f.name if f.name in data else ("X" if len(required) == 1 and "X" in data else None))
+            key = array_name(f, names, data, len(required))
             if key is None:
                 if f.type.isOptional:
                     continue
@@ -118,7 +118,7 @@ def _numeric(value) -> np.ndarray | None:
 
 def _labels_of(spec, out: dict):
     """Each sample's predicted class, for classifiers (None otherwise)."""
-    if spec.WhichOneof("Type") not in CLASSIFIERS:
+    if spec.WhichOneof("Type") not in CLASSIFIER_TYPES:
         return None
     desc = read_description(spec)
     if desc.predictedFeatureName in out:

@@ -32,6 +32,17 @@ def npz_headers(path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def array_name(feature, mapping: dict, available, required_inputs: int) -> str | None:
+    """The data array that feeds a model input: the one `evaluation.inputs` names, else the array of the
+    input's own name, else `X` when the model has one required input. The evaluator and `validate` both
+    ask this, so what validates is what runs."""
+    if feature.name in mapping:
+        return mapping[feature.name]
+    if feature.name in available:
+        return feature.name
+    return "X" if required_inputs == 1 and "X" in available else None
+
+
 def _feature_size(feature) -> tuple[int, str] | None:
     """Values per sample a model input takes, and how to say it; None for types the evaluator does not feed."""
     kind = feature.type.WhichOneof("Type")
@@ -83,7 +94,7 @@ def evaluation_problems(spec, evaluation, gates) -> list[tuple[tuple, str, str]]
     required = [f for f in desc.input if not f.type.isOptional]
     samples = {}
     for f in desc.input:
-        array = mapping.get(f.name) or (f.name if f.name in arrays else ("X" if len(required) == 1 and "X" in arrays else None))
+        array = array_name(f, mapping, arrays, len(required))
         if array is None:
             if not f.type.isOptional:
                 problems.append((("evaluation", "inputs"), f"model input '{f.name}' has no array in {data.name} (it has: {have})",
