@@ -79,8 +79,7 @@ def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, p
         restoring = frozenset(s.name for s in job.stages if s.mode != "fold" and mode_named(s.mode).reads_quantized)
         report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir, restoring=restoring)
     except GateFailure as e:
-        write_report(e.report, job, recipe, recipe.report.formats, specs)
-        remove_output(job)
+        write_report(e.report, job, recipe, recipe.report.formats, specs)  # the callers remove an older output
         raise
     model.save(job.output)
     write_report(report, job, recipe, recipe.report.formats, specs)
