@@ -15,13 +15,14 @@ ALLOWED = {
     "fileio": set(),
     "artifacts": {"errors", "fileio"},  # files and directory trees: digests, atomic directory writes
     "schema": set(),
+    "terminal": set(),
     "quant": {"errors"},
     "formats": {"errors", "fileio", "artifacts", "quant"},
     "recipe": {"errors", "fileio", "artifacts", "schema", "formats"},  # formats: coremltools selector layer types (NN only)
-    "quality": {"errors", "fileio", "artifacts", "formats"},
+    "quality": {"errors", "fileio", "artifacts", "terminal", "formats"},
     "engine": {"errors", "fileio", "artifacts", "quant", "formats", "recipe", "quality"},
-    "build": {"errors", "fileio", "artifacts", "formats", "recipe", "engine", "quality", "mlqpipe"},
-    "cli": {"errors", "fileio", "artifacts", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
+    "build": {"errors", "fileio", "artifacts", "terminal", "formats", "recipe", "engine", "quality", "mlqpipe"},
+    "cli": {"errors", "fileio", "artifacts", "terminal", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
     "mlqpipe": set(),  # __init__: the public names are loaded lazily, by name
 }
 

@@ -12,11 +12,9 @@ counted as not run.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
-PROGRESS_AFTER_S = float(os.environ.get("MLQPIPE_PROGRESS_AFTER", "2"))  # seconds before a status line appears
+from mlqpipe.terminal import StatusLine
 LAST: "BuildReporter | None" = None  # the reporter of the latest run in this process (mlqpipe build reads it)
 
 
@@ -41,10 +39,8 @@ class BuildReporter:
         self.status: dict[str, str] = {}  # task name -> ran | up-to-date | failed | not run
         self.messages: dict[str, list[str]] = {}
         self.runtime_errors: list[str] = []
-        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self.started = time.monotonic()
+        self.line = StatusLine()
         self.total = 0
-        self._shown = False
 
     # --- doit's reporter interface ---------------------------------------------------------------------
 
@@ -55,9 +51,7 @@ class BuildReporter:
         pass
 
     def execute_task(self, task):
-        if self.tty and time.monotonic() - self.started > PROGRESS_AFTER_S:
-            done = len(self.status)
-            self._progress(f"[{done + 1}/{self.total}] {describe_task(task.name)} …")
+        self.line.show(f"[{len(self.status) + 1}/{self.total}] {describe_task(task.name)} …")
 
     def add_success(self, task):
         self.status[task.name] = "ran"
@@ -80,7 +74,7 @@ class BuildReporter:
         first = next((i for i, line in enumerate(lines) if line.startswith("mlqpipe:")), None)
         located = [] if first is None else lines[first:]  # our message and its indented problem lines
         self.messages[task.name] = located
-        self._clear()
+        self.line.clear()
         self.outstream.flush()  # keep task lines and failure lines in order when both go to one log
         if located:
             sys.stderr.write("".join(f"{line}\n" for line in located))
@@ -106,23 +100,12 @@ class BuildReporter:
         pass
 
     def complete_run(self):
-        self._clear()
+        self.line.clear()
         for msg in self.runtime_errors:
             sys.stderr.write(f"mlqpipe: error: {msg}\n")
 
     # --- output -----------------------------------------------------------------------------------------
 
     def _write(self, text: str) -> None:
-        self._clear()
+        self.line.clear()
         self.outstream.write(text)
-
-    def _progress(self, text: str) -> None:
-        sys.stderr.write("\r\x1b[2K" + text[:200])
-        sys.stderr.flush()
-        self._shown = True
-
-    def _clear(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\x1b[2K")
-            sys.stderr.flush()
-            self._shown = False

@@ -10,8 +10,6 @@ The float model's outputs can be cached (`FloatCache`), so re-checking a recipe 
 from __future__ import annotations
 
 import hashlib
-import sys
-import time
 import zipfile
 from dataclasses import dataclass, field
 
@@ -21,10 +19,10 @@ from mlqpipe.formats.nn.description import read_description
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities, run_model
 from mlqpipe.quality.evaluate.settings import CLASSIFIER_TYPES, array_name
+from mlqpipe.terminal import StatusLine
 
 EVALUATOR_VERSION = 3  # bump when evaluation results change: invalidates cached float outputs
 DEFAULT_MEMORY_MB = 512  # activations of one batch (weights come on top: about the float model's size)
-PROGRESS_AFTER_S = 2.0
 
 
 @dataclass
@@ -245,25 +243,6 @@ def _slice(outputs: dict, start: int, stop: int) -> dict:
             for k, v in outputs.items()}
 
 
-class _Progress:
-    """A status line on a terminal once an evaluation has run for a couple of seconds."""
-
-    def __init__(self, what: str):
-        self.what, self.start, self.shown = what, time.monotonic(), False
-        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-    def update(self, done: int, total: int):
-        if self.tty and time.monotonic() - self.start > PROGRESS_AFTER_S:
-            sys.stderr.write(f"\r\x1b[2Kevaluating {self.what}: {done}/{total} samples")
-            sys.stderr.flush()
-            self.shown = True
-
-    def close(self):
-        if self.shown:
-            sys.stderr.write("\r\x1b[2K")
-            sys.stderr.flush()
-
-
 def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = None, labels=None, samples: int | None = None,
              memory_mb: int = DEFAULT_MEMORY_MB, cache: FloatCache | None = None, what: str = "model") -> Evaluation:
     """Run both models on the same inputs, batch by batch, and compare; never raises for layers it cannot run."""
@@ -280,7 +259,7 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
         cached = cache.get(key) if cache is not None else None
         floats = [] if cached is None else None
         tally = _Tally()
-        progress = _Progress(what)
+        progress = StatusLine()
         try:
             for start in range(0, n, size):
                 batch = _batch(features, start, min(start + size, n))
@@ -290,9 +269,9 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
                 q_out = run_model(quant_spec, batch, wq)
                 truth = None if labels is None else np.asarray(labels)[start : start + len(next(iter(batch.values())))]
                 tally.add(f_out, q_out, _labels_of(float_spec, f_out), _labels_of(quant_spec, q_out), truth)
-                progress.update(min(start + size, n), n)
+                progress.show(f"evaluating {what}: {min(start + size, n)}/{n} samples")
         finally:
-            progress.close()
+            progress.clear()
         if cache is not None and floats:
             cache.put(key, _concat(floats))
     except Unsupported as e:
