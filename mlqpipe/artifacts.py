@@ -52,7 +52,7 @@ import hashlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,20 +177,15 @@ def _fsync_dir(path: Path) -> None:
 
 def _fill(root: Path, files: Mapping[str, bytes], fsync: bool) -> None:
     """Write the files under `root`; directories and files get the umask's permissions (os.mkdir, open)."""
-    dirs = {root}
     for rel in sorted(files, key=_path_key):
         target = root.joinpath(*_checked_parts(rel))
         target.parent.mkdir(parents=True, exist_ok=True)
-        dirs.update(target.parents[: len(target.relative_to(root).parts) - 1])
         with open(target, "xb") as f:
             f.write(files[rel])
             if fsync:
                 f.flush()
                 getattr(os, "fdatasync", os.fsync)(f.fileno())
         _step("file")
-    if fsync:
-        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-            _fsync_dir(d)  # the entries themselves, deepest first, before the tree is swapped in
 
 
 def write_tree(path, files: Mapping[str, bytes], *, fsync: bool | None = None) -> str:
@@ -199,19 +194,32 @@ def write_tree(path, files: Mapping[str, bytes], *, fsync: bool | None = None) -
     walking the tree while it is swapped may read files of both: check its digest (the cache does).
     `fsync` (or MLQPIPE_FSYNC=1) flushes every file and directory before the swap, as atomic_write does."""
     fsync = _fsync_wanted(fsync)
+    write_tree_with(path, lambda root: _fill(root, files, fsync), fsync=fsync)
+    return mapping_digest(files)
+
+
+def write_tree_with(path, fill: Callable[[Path], None], *, fsync: bool | None = None) -> None:
+    """`write_tree` for trees too large to hold in memory: `fill(root)` writes the files under the empty
+    directory `root` itself (streaming), then the tree is swapped in atomically as `write_tree` does (with
+    `fsync`, every directory is flushed deepest first before the swap; files are `fill`'s to flush).
+    Directories `fill` makes with os.mkdir get the umask's permissions."""
+    fsync = _fsync_wanted(fsync)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     heal(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a tree gets what os.mkdir would give
-        _fill(tmp, files, fsync)
+        fill(tmp)
+        if fsync:
+            for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda d: len(d.parts), reverse=True):
+                _fsync_dir(d)
+            _fsync_dir(tmp)
         _step("filled")
         _swap_in(tmp, path, fsync)
     except BaseException:
         _discard(tmp)
         raise
-    return mapping_digest(files)
 
 
 def _swap_in(tmp: Path, path: Path, fsync: bool) -> None:

@@ -7,7 +7,7 @@ mlqpipe makes itself (tests, the demo).
 
 from __future__ import annotations
 
-from mlqpipe.formats.nn.proto import build_messages
+from mlqpipe.formats.protoschema import build_messages
 
 _SCHEMA = """
 message FeatureDescription

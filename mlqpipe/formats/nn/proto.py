@@ -18,7 +18,7 @@ per-element conversion (milliseconds instead of seconds for millions of weights)
 
 from __future__ import annotations
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from mlqpipe.formats.protoschema import build_messages
 
 _PACKAGE = "mlqpipe.formats.nn"
 
@@ -389,67 +389,9 @@ _LAYERS = """
 1471 convolution3d Convolution3DLayerParams
 """
 
-_SCALARS = {
-    "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
-    "int64": descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
-    "uint64": descriptor_pb2.FieldDescriptorProto.TYPE_UINT64,
-    "bool": descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
-    "float": descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
-    "double": descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
-    "string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-    "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
-}
-_PACKABLE = {"int32", "int64", "uint64", "bool", "float", "double"}
-
-
 def _layer_lines() -> str:
     entries = [e.split() for e in _LAYERS.replace("\n", " ").split(";") if e.strip()]
     return "\n".join(f"    {e[0]} {e[1]} {e[2] if len(e) > 2 else 'bytes'}" for e in entries)
-
-
-def _file_descriptor(schema: str, package: str) -> descriptor_pb2.FileDescriptorProto:
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
-    msg = None
-    oneof_index = None
-    for raw in schema.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        words = line.split()
-        indent = len(raw) - len(raw.lstrip())
-        if words[0] == "message":
-            msg = fdp.message_type.add(name=words[1])
-            oneof_index = None
-            continue
-        if words[0] == "oneof":
-            msg.oneof_decl.add(name=words[1])
-            oneof_index = len(msg.oneof_decl) - 1
-            continue
-        number, name, type_name = int(words[0]), words[1], words[2]
-        repeated = "repeated" in words[3:]
-        field = msg.field.add(name=name, number=number, json_name=name)
-        field.label = F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL
-        if type_name in _SCALARS:
-            field.type = _SCALARS[type_name]
-            if repeated and type_name in _PACKABLE:
-                field.options.packed = True
-        else:
-            field.type = F.TYPE_MESSAGE
-            field.type_name = f".{package}.{type_name}"
-        if indent >= 4 and oneof_index is not None:
-            field.oneof_index = oneof_index
-        else:
-            oneof_index = None
-    return fdp
-
-
-def build_messages(schema: str, package: str) -> dict:
-    """Message classes for a schema written in the small format above, in a private descriptor pool."""
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(_file_descriptor(schema, package))
-    file_desc = pool.FindFileByName(f"{package}.proto")
-    return {name: message_factory.GetMessageClass(d) for name, d in file_desc.message_types_by_name.items()}
 
 
 _CLASSES = build_messages(_SCHEMA.replace("@LAYERS", _layer_lines().strip()), _PACKAGE)

@@ -7,7 +7,7 @@ needs a kernel size or a padding amount. Field numbers are Core ML's (NeuralNetw
 
 from __future__ import annotations
 
-from mlqpipe.formats.nn.proto import build_messages
+from mlqpipe.formats.protoschema import build_messages
 
 _SCHEMA = """
 message EdgeSizes

@@ -11,7 +11,7 @@ entry messages (what a map is on the wire).
 
 from __future__ import annotations
 
-from mlqpipe.formats.nn.proto import build_messages
+from mlqpipe.formats.protoschema import build_messages
 
 _PACKAGE = "mlqpipe.quality.evaluate.models"
 

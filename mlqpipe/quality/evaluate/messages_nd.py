@@ -8,7 +8,7 @@ embeddingND, loadConstantND, layerNormalization, branch, loop) are real messages
 
 from __future__ import annotations
 
-from mlqpipe.formats.nn.proto import build_messages
+from mlqpipe.formats.protoschema import build_messages
 
 _SCHEMA = """
 message NoParams
