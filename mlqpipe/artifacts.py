@@ -284,6 +284,23 @@ def _remove(path: Path) -> None:
     os.rmdir(path)
 
 
+def remove(path) -> None:
+    """Remove a file or directory artifact so that no partial tree is ever visible at `path`: a tree is
+    first renamed to a garbage name (`.NAME.PID.RAND.tmp`, which `heal` removes if this is killed)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    garbage = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    try:
+        os.rename(path, garbage)
+    except FileNotFoundError:
+        return  # removed meanwhile
+    _discard(garbage)
+
+
 def _discard(path: Path) -> None:
     try:
         _remove(path)

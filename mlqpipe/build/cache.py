@@ -121,6 +121,14 @@ class Cache:
         atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
         return digest
 
+    def get_artifact(self, key: str) -> bytes | dict | None:
+        """What `put_artifact` stored: bytes for a file, {relative path: bytes} for a directory."""
+        data = self.get(key)
+        return data if data is not None else self.get_tree(key)
+
+    def put_artifact(self, key: str, artifact: bytes | dict, meta: dict | None = None) -> str:
+        return self.put(key, artifact, meta) if isinstance(artifact, bytes) else self.put_tree(key, artifact, meta)
+
     # --- maintenance: mlqpipe cache stats|verify|prune ---------------------------------------------------
 
     def manifests(self):

@@ -192,8 +192,9 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
             "basename": "mlqpipe-lock",
             "actions": [(write_lock, [[o for _, o in outputs], recipe_names, options.as_args()])],
             "task_dep": [name for name, _ in outputs],
-            # recipes: a change to one model's settings refreshes the recorded recipe digest of every output
-            "file_dep": [o for _, o in outputs] + sorted({str(f) for r in recipes for f in r.files}),
+            # each output's lock entry (its digest, gates, keys; a file even when the output is a directory)
+            # and the recipes: a change to one model's settings refreshes the recorded recipe digest of every output
+            "file_dep": [str(_entry_path(options, o)) for _, o in outputs] + sorted({str(f) for r in recipes for f in r.files}),
             "targets": [options.lock_file],
             "meta": {"mlqpipe": {"outputs": [o for _, o in outputs], "recipes": recipe_names}},
             "uptodate": [config_changed({"kernel": KERNEL_VERSION, "outputs": [o for _, o in outputs]})],
@@ -202,21 +203,37 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
         }
 
 
+def input_files(path) -> tuple[list[str], list[str]]:
+    """What doit tracks of a model input: the file itself, or every file of a directory artifact (an
+    .mlpackage), plus the directory's file list (a removed file changes it; doit only sees changed ones)."""
+    from mlqpipe.artifacts import tree_files
+
+    p = Path(path)
+    if not p.is_dir():
+        return [str(path)], []
+    try:
+        files = tree_files(p)
+    except (OSError, ValueError):  # unreadable or holding a link: loading the model says why
+        return [], [str(path)]
+    return [str(f) for f in files], [f.relative_to(p).as_posix() for f in files]
+
+
 def _job_tasks(recipe, job, options: BuildOptions):
     from doit.tools import config_changed
 
     prefix = _task_prefix(recipe.path, job)
     configs = stage_configs(recipe, job, options)
     args = [str(recipe.path), str(job.input), options.as_args()]
+    deps, listing = input_files(job.input)
     previous = None
     for i, stage in enumerate(job.stages):
         name = f"{prefix}/{i + 1}-{stage.name}"
         yield {
             "basename": name,
             "actions": [(run_stage_action, args + [i])],
-            "file_dep": [str(job.input)],
+            "file_dep": deps,
             "task_dep": [previous] if previous else [],
-            "uptodate": [config_changed({"chain": digest_of(configs[: i + 1])})],
+            "uptodate": [config_changed({"chain": digest_of(configs[: i + 1]), **({"files": listing} if listing else {})})],
             "doc": f"{stage.label} on {_rel(job.input)}",
             "verbosity": 0,
         }
@@ -226,13 +243,14 @@ def _job_tasks(recipe, job, options: BuildOptions):
     yield {
         "basename": f"{prefix}/output",
         "actions": [(write_output_action, args)],
-        "file_dep": [str(job.input)] + evaluation_files,
+        "file_dep": deps + evaluation_files,
         "task_dep": [previous] if previous else [],
-        "targets": [str(job.output)] + reports,
+        "targets": [str(job.output)] + reports + [str(_entry_path(options, job.output))],
         "meta": {"mlqpipe": {"recipe": str(recipe.path), "input": str(job.input), "output": str(job.output),
                              "json_report": next((r for r in reports if r.endswith(".report.json")), None)}},
         "uptodate": [config_changed({"chain": digest_of(configs), "output": str(job.output), "quality": _quality_config(recipe, job),
-                                     "lock_format": LOCK_FORMAT})],  # a new lock format re-records every output once
+                                     "lock_format": LOCK_FORMAT,  # a new lock format re-records every output once
+                                     **({"files": listing} if listing else {})})],
         "clean": True,
         "doc": f"write {_rel(job.output)}",
     }
@@ -267,49 +285,80 @@ def _log(options: BuildOptions, event: dict) -> None:
 def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tuple[list[bytes], list[str], bool]:
     """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
     whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...]."""
-    from mlqpipe.build.cache import Cache, sha256
+    from mlqpipe.build.cache import Cache
 
+    fmt = _input_format(job)
     cache = Cache(Path(options.cache_dir), options.read_only_cache)
-    data = Path(job.input).read_bytes()
-    keys = chain_keys(sha256(data), stage_configs(recipe, job, options))
+    data = _read_artifact(job.input)
+    keys = chain_keys(artifact_digest(data), stage_configs(recipe, job, options))
     steps, start = [data], 0
     if keep_all:  # every step is wanted: take cached stages in order up to the first miss
         for i in range(upto + 1):
-            hit = cache.get(keys[i])
+            hit = cache.get_artifact(keys[i])
             if hit is None:
                 break
             steps.append(hit)
             start = i + 1
     else:  # only the last is wanted: start from the furthest cached stage
         for i in range(upto, -1, -1):
-            hit = cache.get(keys[i])
+            hit = cache.get_artifact(keys[i])
             if hit is not None:
                 steps, start = [hit], i + 1
                 break
     computed = start <= upto
     if computed:
-        from mlqpipe.formats.nn.model import parse_model
         from mlqpipe.engine.execute import run_stage
 
-        model = parse_model(steps[-1], str(job.input))
+        model = fmt.from_artifact(steps[-1], str(job.input))
         for i in range(start, upto + 1):
             run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
-            steps.append(model.SerializeToString())
-            cache.put(keys[i], steps[-1], {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
+            steps.append(fmt.to_artifact(model))
+            cache.put_artifact(keys[i], steps[-1], {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
     for problem in cache.problems:
         _log(options, {"event": "cache-problem", "message": problem})
     return steps, keys, computed
 
 
+def _input_format(job):
+    from mlqpipe.formats.registry import format_for
+
+    return format_for(job.input)
+
+
+def _read_artifact(path) -> bytes | dict:
+    """A model input as the cache keeps it: a file's bytes, or a directory's {relative path: bytes}."""
+    from mlqpipe.artifacts import ArtifactError, read_tree
+    from mlqpipe.errors import ModelError
+
+    p = Path(path)
+    try:
+        return read_tree(p) if p.is_dir() else p.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{_rel(path)}: no such model") from None
+    except (OSError, ArtifactError) as e:
+        raise ModelError(f"{_rel(path)}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def artifact_digest(artifact: bytes | dict) -> str:
+    """The digest of a model as the lock and the cache record it (artifacts.digest of the written file or tree)."""
+    from mlqpipe.artifacts import mapping_digest
+
+    return hashlib.sha256(artifact).hexdigest() if isinstance(artifact, bytes) else mapping_digest(artifact)
+
+
+def _artifact_size(artifact: bytes | dict) -> int:
+    return len(artifact) if isinstance(artifact, bytes) else sum(len(v) for v in artifact.values())
+
+
 def lock_entry(recipe, job, *, status: str, output_sha256=None, input_sha256=None, keys=(), gates=(), failure=None) -> dict:
     """What the lock records about one output (see lock.py): no measured values, only digests, settings
     and verdicts, so two machines building the same thing write the same lock."""
-    from mlqpipe.build.lock import file_sha256
+    from mlqpipe.build.lock import artifact_sha256, file_sha256
 
     entry = {
         "status": status,
         "output_sha256": output_sha256,
-        "inputs": {_posix(job.input): input_sha256 or file_sha256(job.input)},
+        "inputs": {_posix(job.input): input_sha256 or artifact_sha256(job.input)},
         "recipe": _posix(recipe.path),
         "recipe_files": {_posix(p): file_sha256(p) for p in recipe.files},
         "data": {_posix(job.evaluation.data): file_sha256(job.evaluation.data)} if job.evaluation and job.evaluation.data else {},
@@ -365,35 +414,34 @@ def write_output_action(recipe_path, input_path, options_dict):
     """Assess the final model (evaluation, report, gates); write the report, and the output only when every
     gate passed. A failed gate fails the task with the gate's message, removes an older output and marks
     the output failed in the lock."""
-    from mlqpipe.formats.nn.model import CoreMLModel, parse_model
-    from mlqpipe.errors import MlqpipeError
     from mlqpipe.engine.execute import finish_job
     from mlqpipe.engine.plan import decide_stage, matchers_for
+    from mlqpipe.errors import MlqpipeError
     from mlqpipe.quality.gates import GateFailure
-    from mlqpipe.build.cache import sha256
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
+        fmt = _input_format(job)
         steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True)
-        specs = [parse_model(step, str(job.input)).spec for step in steps]
+        snapshots = [fmt.from_artifact(step, str(job.input)) for step in steps]
         data = steps[-1]
         decisions = [
-            [] if stage.mode == "fold" else decide_stage(specs[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
+            [] if stage.mode == "fold" else decide_stage(snapshots[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
             for i, stage in enumerate(job.stages)
         ]
-        final = CoreMLModel(specs[-1], str(job.input))  # the same bytes, parsed once above (made from the input)
+        final = fmt.from_artifact(data, str(job.input))  # the output (its own object: saving may mark it)
         # a read-only (shared) cache is not written: the float outputs are then recomputed each time
-        report = finish_job(job, recipe, final, specs, _plans(job.stages, decisions),
+        report = finish_job(job, recipe, final, snapshots, _plans(job.stages, decisions),
                             cache_dir=None if options.read_only_cache else options.cache_dir)
     except GateFailure as e:
         return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:
         return _failed(options, recipe, job, e)
-    entry = lock_entry(recipe, job, status="passed", output_sha256=sha256(data), input_sha256=sha256(steps[0]), keys=keys,
-                       gates=report["gates"])
+    entry = lock_entry(recipe, job, status="passed", output_sha256=artifact_digest(data), input_sha256=artifact_digest(steps[0]),
+                       keys=keys, gates=report["gates"])
     _record(options, job, entry)
     _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": _posix(job.output), "computed": computed,
-                   "bytes_before": len(steps[0]), "bytes_after": len(data)})
+                   "bytes_before": _artifact_size(steps[0]), "bytes_after": _artifact_size(data)})
     return {"output_sha256": entry["output_sha256"]}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mlqpipe.formats.nn.version import version_change
+from mlqpipe.formats.base import version_change
 from mlqpipe.errors import RecipeError
 from mlqpipe.fileio import shown_path as _rel
 from mlqpipe.engine.plan import ModelPlan, plan_recipe

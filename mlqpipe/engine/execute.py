@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mlqpipe.formats.nn.fold import fold_model
-from mlqpipe.formats.nn.inventory import inventory
-from mlqpipe.formats.nn.model import CoreMLModel, load_model
-from mlqpipe.formats.nn.version import raise_versions
 from mlqpipe.errors import MlqpipeError, RecipeError
+from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.engine.modes import ModeSettings, apply_mode, mode_named
 from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
@@ -16,14 +11,15 @@ from mlqpipe.recipe.problems import raise_problems
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
 
 
-def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True) -> StagePlan:
-    """Apply one stage to `model` in place; returns what was decided (the same decisions a plan shows)."""
+def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True) -> StagePlan:
+    """Apply one stage to `model` (any format) in place; returns what was decided (the same decisions a
+    plan shows)."""
     plan = StagePlan(stage)
-    spec = model.spec
+    fmt = format_of(model)
     if stage.mode == "fold":
-        plan.folds = fold_model(spec, kinds=stage.fold)
+        plan.folds = fmt.fold(model, stage.fold)
         return plan
-    decisions, problems, _ = decide_stage(spec, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=model.source)
+    decisions, problems, _ = decide_stage(model, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=fmt.source(model))
     raise_problems(problems)
     mode = mode_named(stage.mode)
     lut_function = None
@@ -37,52 +33,54 @@ def run_stage(model: CoreMLModel, stage: Stage, recipe: Recipe, *, allow_custom:
     settings = ModeSettings(stage.mode, stage.nbits or 8, lut_function, min_scale)
     chosen = {d.id for d in decisions if d.action == "quantize"}
     changed = False
-    for rec in inventory(spec):
+    for rec in fmt.inventory(model):
         if rec.id in chosen:
             changed |= apply_mode(rec, settings)
     if changed and mode.version_floor:
-        raise_versions(spec, mode.version_floor)
+        fmt.raise_version(model, mode.version_floor)
     plan.decisions = decisions
     return plan
 
 
-def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model: CoreMLModel | None = None,
-            snapshots: list | None = None) -> tuple[CoreMLModel, list[StagePlan]]:
+def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model=None,
+            snapshots: list | None = None) -> tuple[object, list[StagePlan]]:
     """All of a model's stages, in order, on a fresh copy of its input. `snapshots`, when given, receives
-    the spec before the first stage and after each one (for reports)."""
-    model = (model or load_model(job.input)).copy()
+    a copy of the model before the first stage and after each one (for reports)."""
+    model = load_model(job.input) if model is None else format_of(model).copy(model)
+    fmt = format_of(model)
     if snapshots is not None:
-        snapshots.append(model.copy().spec)
+        snapshots.append(fmt.copy(model))
     plans = []
     for stage in job.stages:
         plans.append(run_stage(model, stage, recipe, allow_custom=allow_custom))
         if snapshots is not None:
-            snapshots.append(model.copy().spec)
+            snapshots.append(fmt.copy(model))
     return model, plans
 
 
-def finish_job(job: ModelJob, recipe: Recipe, model: CoreMLModel, specs: list, plans: list[StagePlan], warn=None,
+def finish_job(job: ModelJob, recipe: Recipe, model, snapshots: list, plans: list[StagePlan], warn=None,
                cache_dir=None) -> dict:
     """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
-    output, checked against Core ML's rules and written atomically. Rules the input (specs[0]) already
-    breaks are reported by `warn(message)` (default: a warning line on stderr) and not held against the output.
-    `cache_dir`: where the float model's evaluation outputs are kept between builds (None: not kept)."""
-    from mlqpipe.formats.nn.check import input_findings
+    output, checked against Core ML's rules and written atomically. `snapshots`: the input and the model
+    after each stage. Rules the input already breaks are reported by `warn(message)` (default: a warning
+    line on stderr) and not held against the output. `cache_dir`: where the float model's evaluation
+    outputs are kept between builds (None: not kept)."""
     from mlqpipe.engine.plan import setting_problems
     from mlqpipe.quality.gates import GateFailure, assess
     from mlqpipe.quality.report import write_report
 
-    raise_problems(setting_problems(job, recipe, specs[0]))  # builds skip `validate`'s model checks: never a traceback here
+    raise_problems(setting_problems(job, recipe, snapshots[0]))  # builds skip `validate`'s model checks: never a traceback here
 
-    model.inherited_findings = input_findings(specs[0], str(job.input), warn=warn or _warn)
+    fmt = format_of(model)
+    fmt.inherit_findings(model, snapshots[0], str(job.input), warn or _warn)
     try:
         restoring = frozenset(s.name for s in job.stages if s.mode != "fold" and mode_named(s.mode).reads_quantized)
-        report = assess(job, recipe, specs, [p.decisions for p in plans], cache_dir=cache_dir, restoring=restoring)
+        report = assess(job, recipe, snapshots, [p.decisions for p in plans], cache_dir=cache_dir, restoring=restoring)
     except GateFailure as e:
-        write_report(e.report, job, recipe, recipe.report.formats, specs)  # the callers remove an older output
+        write_report(e.report, job, recipe, recipe.report.formats, snapshots)  # the callers remove an older output
         raise
-    model.save(job.output)
-    write_report(report, job, recipe, recipe.report.formats, specs)
+    fmt.save(model, job.output)
+    write_report(report, job, recipe, recipe.report.formats, snapshots)
     return report
 
 
@@ -96,16 +94,18 @@ def _warn(message: str) -> None:
 def remove_output(job: ModelJob) -> None:
     """A model whose build or gates failed leaves nothing shippable at its output path: an older output
     there would be copied into an app as if it were this build's (its report, marked failed, stays)."""
-    Path(job.output).unlink(missing_ok=True)
+    from mlqpipe.artifacts import remove
+
+    remove(job.output)
 
 
 def quantize_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True) -> tuple[list[StagePlan], dict]:
     """Build one model: stages, assessment, checked atomic write; on any failure nothing is left at its
     output path. Returns the stage plans and the report."""
-    specs: list = []
+    snapshots: list = []
     try:
-        model, plans = run_job(job, recipe, allow_custom=allow_custom, snapshots=specs)
-        report = finish_job(job, recipe, model, specs, plans)
+        model, plans = run_job(job, recipe, allow_custom=allow_custom, snapshots=snapshots)
+        report = finish_job(job, recipe, model, snapshots, plans)
     except MlqpipeError:
         remove_output(job)
         raise

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mlqpipe.errors import ModelError
-from mlqpipe.formats.nn.inventory import WeightRecord
-from mlqpipe.formats.nn.weights import Storage
-from mlqpipe.formats.nn.writers import write_result
+from mlqpipe.formats.base import Storage, WeightRecord
+from mlqpipe.formats.registry import format_of_record
 from mlqpipe.quant import kernels
 from mlqpipe.quant.linear import EXACT_MIN_SCALE
 
@@ -126,5 +125,6 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings) -> bool:
         except ValueError:
             rec.float_values()  # NaN or Inf: raises ModelError naming the layer and the count
             raise
-    write_result(rec, result, keep_empty_quantization=settings.keep_empty_quantization)
+    options = {"keep_empty_quantization": True} if settings.keep_empty_quantization else {}
+    format_of_record(rec).write_result(rec, result, **options)
     return True

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from mlqpipe.formats.nn.check import precision_mix_findings
-from mlqpipe.formats.nn.inventory import inventory
-from mlqpipe.formats.nn.model import CoreMLModel, load_model
-from mlqpipe.formats.nn.version import raise_versions
-from mlqpipe.formats.nn.weights import Storage
-from mlqpipe.formats.nn.writers import stored_bytes
 from mlqpipe.errors import ModelError
+from mlqpipe.formats.base import Storage
+from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.fileio import shown_path as _shown
 from mlqpipe.recipe.problems import Problem, dotted
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
 from mlqpipe.engine.modes import mode_named
-from mlqpipe.engine.select import NAME_LISTS, RuleMatcher, decide, entries_matching
+from mlqpipe.engine.select import NAME_LISTS, NEUTRAL_CONDITIONS, RuleMatcher, decide, entries_matching, set_conditions
 
 
 
@@ -78,14 +74,15 @@ def stage_index(recipe: Recipe, stage: Stage) -> int:
     return next(i for i, s in enumerate(recipe.stages) if s.name == stage.name)
 
 
-def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None,
+def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None,
                  model_file: str = ""):
-    """Decisions for every weight of `spec` in one quantizing stage, and the problems they imply
-    (`model_file`: the input these are about, named in the problems)."""
+    """Decisions for every weight of `model` (any format) in one quantizing stage, and the problems they
+    imply (`model_file`: the input these are about, named in the problems)."""
+    fmt = format_of(model)
     for m in matchers:
-        m.prepare(spec)
+        m.prepare(model)
     records = []
-    for rec in inventory(spec):
+    for rec in fmt.inventory(model):
         if overlay and rec.id in overlay:
             rec = replace(rec, storage=overlay[rec.id])
         records.append(rec)
@@ -122,17 +119,19 @@ def decide_stage(spec, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher]
             action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         after[rec.id] = new
         decisions.append(
-            Decision(rec.id, rec.layer, rec.layer_type, rec.slot_path, tuple(rec.shape or ()), stage.name, action, match.rule,
-                     reason, str(st), str(new), stored_bytes(rec, st) if st.kind != "empty" else 0, stored_bytes(rec, new))
+            Decision(rec.id, rec.layer, rec.layer_type, rec.field_path, tuple(rec.shape or ()), stage.name, action, match.rule,
+                     reason, str(st), str(new), fmt.stored_bytes(rec, st), fmt.stored_bytes(rec, new))
         )
-    problems += _precision_problems(records, after, stage, recipe, at)
+    problems += [_problem(recipe, at + ("rules",), f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
+                          "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])")
+                 for f in fmt.precision_problems(model, records, after)]
     return decisions, problems, after
 
 
-def rules_matching_something(spec, matchers: list[RuleMatcher], overlay: dict | None = None) -> set[str]:
+def rules_matching_something(model, matchers: list[RuleMatcher], overlay: dict | None = None) -> set[str]:
     """Rules whose conditions hold for at least one weight, whatever the precedence (custom code counts)."""
     found = set()
-    for rec in inventory(spec):
+    for rec in format_of(model).inventory(model):
         if overlay and rec.id in overlay:
             rec = replace(rec, storage=overlay[rec.id])
         found |= {m.rule.name for m in matchers if m.rule.name not in found and m.matches(rec)}
@@ -145,12 +144,37 @@ def _problem(recipe: Recipe, path, message, hint="") -> Problem:
     return Problem(file, line, col, dotted(path), message, hint)
 
 
-def setting_problems(job: ModelJob, recipe: Recipe, spec) -> list[Problem]:
+def setting_problems(job: ModelJob, recipe: Recipe, model) -> list[Problem]:
     """Evaluation and gate settings that do not fit this model or its data (the .npz headers are read)."""
     from mlqpipe.quality.evaluate.settings import evaluation_problems
+    from mlqpipe.quality.gates import EVALUATION_GATES
 
+    fmt = format_of(model)
+    if fmt.evaluator is None:  # this format has no evaluator yet: asking for an evaluation is a setting problem
+        wanted = [("evaluation",)] if job.evaluation is not None else []
+        wanted += [("gates", g) for g in EVALUATION_GATES if getattr(job.gates, g) is not None]
+        return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {fmt.name} models cannot be evaluated yet",
+                                 "remove the evaluation settings and the evaluation gates for this model") for at in wanted]
     return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {message}", hint)
-            for at, message, hint in evaluation_problems(spec, job.evaluation, job.gates)]
+            for at, message, hint in evaluation_problems(model.spec, job.evaluation, job.gates)]
+
+
+def format_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
+    """Stages and rule conditions this model's format cannot carry out or answer, located in the recipe."""
+    out = []
+    for stage in job.stages:
+        i = stage_index(recipe, stage)
+        mode = "fold" if stage.mode == "fold" else mode_named(stage.mode).name
+        if mode not in fmt.modes:
+            out.append(_problem(recipe, ("stages", i, "mode"), f"{_shown(job.input)}: stage '{stage.name}': mode {stage.mode} "
+                                f"is not available for {fmt.name} models", f"choose one of {', '.join(sorted(fmt.modes))}"))
+        for name in stage.rules:
+            rule = recipe.rule(name)
+            for cond in sorted(set_conditions(rule) - fmt.record_type.CONDITIONS - NEUTRAL_CONDITIONS):
+                out.append(_problem(recipe, ("rules", name, cond), f"{_shown(job.input)}: rule '{name}' (stage '{stage.name}'): "
+                                    f"condition {cond} cannot be answered for {fmt.name} models",
+                                    "drop the condition, or give this model its own rule"))
+    return out
 
 
 def _setting_problem(recipe: Recipe, job: ModelJob, at: tuple, message: str, hint: str) -> Problem:
@@ -163,63 +187,47 @@ def _setting_problem(recipe: Recipe, job: ModelJob, at: tuple, message: str, hin
     return _problem(recipe, ("models", job.entry), message, hint)
 
 
-def _precision_problems(records, after, stage, recipe, at) -> list[Problem]:
-    """A stage must not leave a layer mixing float16 and float32 (unless the input already did)."""
-    by_layer: dict = {}
-    for rec in records:
-        by_layer.setdefault((rec.model_path, rec.network_path, rec.layer), []).append(rec)
-    out = []
-    for recs in by_layer.values():
-        layer = recs[0].layer_msg
-        if precision_mix_findings(layer, recs):
-            continue  # already mixed in the input: the check reports it on the input itself
-        for f in precision_mix_findings(layer, [replace(r, storage=after[r.id]) for r in recs]):
-            out.append(_problem(recipe, at + ("rules",), f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
-                                "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])"))
-    return out
-
-
-def plan_job(job: ModelJob, recipe: Recipe, model: CoreMLModel | None = None) -> ModelPlan:
+def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
     """Simulate every stage of one model (no kernels run, no custom code imported)."""
-    from mlqpipe.formats.nn.fold import fold_model
-
     plan = ModelPlan(job)
     try:
-        model = (model or load_model(job.input)).copy()
+        model = load_model(job.input) if model is None else format_of(model).copy(model)
     except ModelError as e:
         plan.problems.append(_problem(recipe, ("models", job.entry, "input"), str(e)))
         plan.loaded = False
         return plan
-    spec = model.spec
-    plan.version_before = spec.specificationVersion
-    plan.problems += setting_problems(job, recipe, spec)
+    fmt = format_of(model)
+    plan.problems += format_problems(job, recipe, fmt)
+    if plan.problems:
+        plan.loaded = False
+        return plan
+    plan.version_before = fmt.version(model)
+    plan.problems += setting_problems(job, recipe, model)
     overlay: dict = {}
-    start = {r.id: r for r in inventory(spec)}
-    plan.bytes_before = sum(stored_bytes(r, r.storage) for r in start.values() if r.storage.kind != "empty")
-    for i, stage in enumerate(job.stages):
+    plan.bytes_before = sum(fmt.stored_bytes(r, r.storage) for r in fmt.inventory(model))
+    for stage in job.stages:
         sp = StagePlan(stage)
         if stage.mode == "fold":
             try:
-                sp.folds = fold_model(spec, kinds=stage.fold)
+                sp.folds = fmt.fold(model, stage.fold)
             except ModelError as e:  # the input breaks Core ML's rules in a way no fold can repair
                 plan.problems.append(_problem(recipe, ("models", job.entry, "input"), f"{_shown(job.input)}: stage '{stage.name}': {e}"))
                 plan.loaded = False
                 return plan
         else:
             matchers = matchers_for(stage, recipe, None)
-            decisions, problems, after = decide_stage(spec, stage, recipe, matchers, overlay, model_file=job.input)
-            plan.matched_rules |= rules_matching_something(spec, matchers, overlay)
-            plan.matched_entries |= {(m.rule.name, *hit) for rec in inventory(spec) for m in matchers for hit in entries_matching(m.rule, rec)}
+            decisions, problems, after = decide_stage(model, stage, recipe, matchers, overlay, model_file=job.input)
+            plan.matched_rules |= rules_matching_something(model, matchers, overlay)
+            plan.matched_entries |= {(m.rule.name, *hit) for rec in fmt.inventory(model) for m in matchers for hit in entries_matching(m.rule, rec)}
             sp.decisions = decisions
             plan.problems += problems
             overlay.update(after)
             floor = mode_named(stage.mode).version_floor
             if floor and any(d.action == "quantize" for d in decisions):
-                raise_versions(spec, floor)  # as the build will
+                fmt.raise_version(model, floor)  # as the build will
         plan.stages.append(sp)
-    plan.version_after = spec.specificationVersion
-    final = inventory(spec)
-    plan.bytes_after = sum(stored_bytes(r, overlay.get(r.id, r.storage)) for r in final if overlay.get(r.id, r.storage).kind != "empty")
+    plan.version_after = fmt.version(model)
+    plan.bytes_after = sum(fmt.stored_bytes(r, overlay.get(r.id, r.storage)) for r in fmt.inventory(model))
     return plan
 
 

@@ -14,14 +14,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from math import prod
 
-from mlqpipe.formats.nn.inventory import WeightRecord, edge_layers
-from mlqpipe.formats.nn.layers import weight_slots
 from mlqpipe.engine.ct_selectors import SELECTORS, select_like_coremltools
+from mlqpipe.formats.base import WeightRecord
+from mlqpipe.formats.registry import format_of
 from mlqpipe.recipe.types import Rule
 
 PENDING = "pending"  # a python rule not evaluated in a plan
+# conditions every format's records answer; the others are listed by each record type (CONDITIONS)
+NEUTRAL_CONDITIONS = frozenset({"layer", "layer_regex", "layer_type", "field", "network", "count", "storage", "python"})
+_FLAGS = ("name", "exclude", "optional", "min_snr_db")  # a rule's settings that are not conditions
+
+
+def set_conditions(rule: Rule) -> set[str]:
+    """The conditions a rule sets (the ones a model's format must be able to answer)."""
+    return {k for k, v in rule.__dict__.items() if k not in _FLAGS and v not in (None, ())}
 
 
 @dataclass(frozen=True)
@@ -33,15 +40,6 @@ class Match:
 
 def _storage_class(rec: WeightRecord) -> str:
     return "quantized" if rec.storage.is_quantized else rec.storage.kind
-
-
-def _layer_weight_count(rec: WeightRecord) -> int | None:
-    slots = weight_slots(rec.layer_msg)
-    return prod(slots[0].shape) if slots and slots[0].shape else None
-
-
-def _kernel_channels(rec: WeightRecord) -> int | None:
-    return int(rec.layer_msg.convolution.kernelChannels) if rec.layer_type == "convolution" else None
 
 
 class RuleMatcher:
@@ -56,11 +54,11 @@ class RuleMatcher:
         self._edges: dict = {}
         self._custom = None
 
-    def prepare(self, spec) -> None:
+    def prepare(self, model) -> None:
         """Compute what depends on the whole model (coremltools selector semantics, first/last layers) for
-        this state."""
+        this state. Conditions the model's format cannot answer were refused by the plan."""
         if self.rule.position:
-            self._edges = edge_layers(spec)
+            self._edges = format_of(model).edge_layers(model)
         if self.rule.python and self.allow_custom is not None and self._custom is None:
             from mlqpipe.recipe.custom import load_code
 
@@ -68,7 +66,7 @@ class RuleMatcher:
         selectors = [self._ct_selector()] if self.rule.coremltools_selector is not None else []
         if hasattr(self._custom, "do_quantize"):  # a coremltools-style selector in a python: rule
             selectors.append(self._custom)
-        picked = [{r.id for r in select_like_coremltools(spec, sel)} for sel in selectors]
+        picked = [{r.id for r in select_like_coremltools(model.spec, sel)} for sel in selectors]  # neural networks only
         self._ct_ids = set.intersection(*picked) if picked else None  # a rule naming both needs both
 
     def _ct_selector(self):
@@ -85,21 +83,21 @@ class RuleMatcher:
             return False
         if r.layer_type and rec.layer_type not in r.layer_type:
             return False
-        if r.field and not any(fnmatchcase(rec.field, p) or fnmatchcase(rec.slot_path, p) for p in r.field):
+        if r.field and not any(fnmatchcase(name, p) for name in rec.names for p in r.field):
             return False
-        if r.network and not any(fnmatchcase(rec.model_path + rec.network_path, p) for p in r.network):
+        if r.network and not any(fnmatchcase(rec.network, p) for p in r.network):
             return False
         for attr, value in (("count", rec.count), ("in_channels", rec.in_channels), ("out_channels", rec.out_channels)):
             bounds = getattr(r, attr)
             if bounds is not None and not bounds.contains(value):
                 return False
-        if r.kernel_channels is not None and not r.kernel_channels.contains(_kernel_channels(rec)):
+        if r.kernel_channels is not None and not r.kernel_channels.contains(rec.kernel_channels):
             return False
-        if r.layer_weight_count is not None and not r.layer_weight_count.contains(_layer_weight_count(rec)):
+        if r.layer_weight_count is not None and not r.layer_weight_count.contains(rec.layer_weight_count):
             return False
         if r.depthwise is not None and rec.depthwise != r.depthwise:
             return False
-        if r.position and (rec.network_path or not set(r.position) & self._edges.get((rec.model_path, rec.layer), set())):
+        if r.position and not set(r.position) & self._edges.get((rec.network, rec.layer), set()):
             return False
         if r.storage and _storage_class(rec) not in r.storage:
             return False
@@ -117,8 +115,8 @@ NAME_LISTS = {
     "layer": lambda rec, p: fnmatchcase(rec.layer, p),
     "layer_regex": lambda rec, p: re.fullmatch(p, rec.layer) is not None,
     "layer_type": lambda rec, p: rec.layer_type == p,
-    "field": lambda rec, p: fnmatchcase(rec.field, p) or fnmatchcase(rec.slot_path, p),
-    "network": lambda rec, p: fnmatchcase(rec.model_path + rec.network_path, p),
+    "field": lambda rec, p: any(fnmatchcase(name, p) for name in rec.names),
+    "network": lambda rec, p: fnmatchcase(rec.network, p),
 }
 
 

@@ -79,7 +79,7 @@ def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_uneva
     return out
 
 
-def _evaluate(job, specs: list, cache_dir):
+def _evaluate(job, models: list, cache_dir):
     """The float and the quantized model on the recipe's data (arrays read from the .npz as needed)."""
     from contextlib import nullcontext
 
@@ -90,20 +90,20 @@ def _evaluate(job, specs: list, cache_dir):
     with opened as data:
         labels = data[cfg.labels] if data is not None and cfg.labels else None
         samples = (cfg.max_samples if data is not None else cfg.random_inputs) if cfg is not None else None
-        return evaluate(specs[0], specs[-1], data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
+        return evaluate(models[0].spec, models[-1].spec, data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
                         memory_mb=(cfg.memory_mb if cfg and cfg.memory_mb else DEFAULT_MEMORY_MB),
                         cache=FloatCache(cache_dir) if cache_dir else None, what=str(job.input.name))
 
 
-def assess(job, recipe, specs: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset()) -> dict:
+def assess(job, recipe, models: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset()) -> dict:
     """The report of one built model, gates applied. Raises GateFailure when a gate fails. `cache_dir`: where
     the float model's outputs on the data are kept between builds (None: not kept); `restoring`: stages
     that dequantize (see report.flags)."""
     evaluation = None
     wants_eval = job.evaluation is not None or any(getattr(job.gates, g) is not None for g in EVALUATION_GATES)
     if wants_eval:
-        evaluation = _evaluate(job, specs, cache_dir)
-    report = build_report(job, recipe, specs, decisions_by_stage, evaluation, restoring)
+        evaluation = _evaluate(job, models, cache_dir)
+    report = build_report(job, recipe, models, decisions_by_stage, evaluation, restoring)
     rule_snr = {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None}
     sizes = (report["totals"]["bytes_before"], report["totals"]["bytes_after"])
     allow = bool(job.evaluation and job.evaluation.allow_unevaluated)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mlqpipe.fileio import posix_path
-from mlqpipe.formats.nn.inventory import inventory
-from mlqpipe.formats.nn.version import deployment_target, version_change
+from mlqpipe.formats.base import deployment_target, version_change
+from mlqpipe.formats.registry import format_of
 
 REPORT_FORMAT = 1
 FLAG_MARGIN_DB = 15.0  # a weight this far below the median SNR is flagged
@@ -50,21 +50,23 @@ def _num(x):
     return x
 
 
-def stage_rows(specs: list, stages, decisions_by_stage: list | None = None) -> list[dict]:
-    """One row per weight a stage changed: metrics between the model before and after that stage."""
+def stage_rows(models: list, stages, decisions_by_stage: list | None = None) -> list[dict]:
+    """One row per weight a stage changed: metrics between the model before and after that stage
+    (`models`: the input and the model after each stage)."""
     rows = []
+    fmt = format_of(models[0])
     for i, stage in enumerate(stages):
         if stage.mode == "fold":
             continue
-        before = {r.id: r for r in inventory(specs[i])}
+        before = {r.id: r for r in fmt.inventory(models[i])}
         rules = {d.id: d.rule for d in decisions_by_stage[i]} if decisions_by_stage else {}
-        for rec in inventory(specs[i + 1]):
+        for rec in fmt.inventory(models[i + 1]):
             old = before.get(rec.id)
             if old is None or str(old.storage) == str(rec.storage):
                 continue
             snr, max_abs, rel = _metrics(old.values(), rec.values(count=old.count))
             rows.append({
-                "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.slot_path,
+                "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.field_path,
                 "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits,
                 "bytes_before": old.nbytes, "bytes_after": rec.nbytes,
                 "snr_db": snr, "max_abs_error": max_abs, "relative_l2_error": rel, "rule": rules.get(rec.id),
@@ -93,11 +95,12 @@ def set_gates(report: dict, gates: list[dict]) -> None:
     report["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
 
 
-def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=None, restoring=frozenset()) -> dict:
+def build_report(job, recipe, models: list, decisions_by_stage=None, evaluation=None, restoring=frozenset()) -> dict:
     """The report without gates (see `set_gates`); `_rows` keeps the raw floats the gates read."""
-    rows = stage_rows(specs, job.stages, decisions_by_stage)
-    before = len(specs[0].SerializeToString())
-    after = len(specs[-1].SerializeToString())
+    rows = stage_rows(models, job.stages, decisions_by_stage)
+    fmt = format_of(models[0])
+    before, after = fmt.size(models[0]), fmt.size(models[-1])
+    v_before, v_after = fmt.version(models[0]), fmt.version(models[-1])
     return {
         "report_format": REPORT_FORMAT,
         "status": "passed",
@@ -105,9 +108,9 @@ def build_report(job, recipe, specs: list, decisions_by_stage=None, evaluation=N
         "output": posix_path(job.output),
         "recipe": posix_path(recipe.path),
         "totals": {"bytes_before": before, "bytes_after": after, "compression": round(before / after, 4) if after else None},
-        "specification_version": {"before": specs[0].specificationVersion, "after": specs[-1].specificationVersion,
-                                  "deployment_target_before": deployment_target(specs[0].specificationVersion),
-                                  "deployment_target_after": deployment_target(specs[-1].specificationVersion)},
+        "specification_version": {"before": v_before, "after": v_after,
+                                  "deployment_target_before": deployment_target(v_before),
+                                  "deployment_target_after": deployment_target(v_after)},
         "weights": [{k: _num(v) for k, v in r.items()} for r in rows],
         "flags": [{k: _num(v) for k, v in f.items()} for f in flags(rows, restoring)],
         "evaluation": None if evaluation is None else {k: _num(v) if not isinstance(v, dict) else
@@ -178,7 +181,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_png(report: dict, specs: list) -> bytes:
+def to_png(report: dict, models: list) -> bytes:
     """Per-weight SNR bars and, for the lowest-SNR weight, float vs quantized value histograms.
     Needs matplotlib, an optional extra: a recipe asking for png without it is an error, not a skipped file."""
     try:
@@ -200,8 +203,9 @@ def to_png(report: dict, specs: list) -> bytes:
     ax1.set_title(f"{report['output']}: per-weight SNR")
     if rows:
         worst = min(rows, key=lambda r: r["snr_db"])
-        before = {r.id: r for r in inventory(specs[0])}.get(worst["id"])
-        after = {r.id: r for r in inventory(specs[-1])}.get(worst["id"])
+        fmt = format_of(models[0])
+        before = {r.id: r for r in fmt.inventory(models[0])}.get(worst["id"])
+        after = {r.id: r for r in fmt.inventory(models[-1])}.get(worst["id"])
         if before is not None and after is not None:
             ax2.hist(before.values().ravel(), bins=100, alpha=0.6, label="float")
             ax2.hist(after.values().ravel(), bins=100, alpha=0.6, label="quantized")
@@ -214,7 +218,7 @@ def to_png(report: dict, specs: list) -> bytes:
     return buf.getvalue()
 
 
-def write_report(report: dict, job, recipe, formats=("json", "markdown"), specs: list | None = None) -> list[Path]:
+def write_report(report: dict, job, recipe, formats=("json", "markdown"), models: list | None = None) -> list[Path]:
     from mlqpipe.fileio import atomic_write as _write
 
     def atomic_write(path, data):
@@ -227,8 +231,8 @@ def write_report(report: dict, job, recipe, formats=("json", "markdown"), specs:
 
     json_path, md_path, png_path = recipe.report_paths(job)
     written = []
-    if "png" in formats and specs:
-        atomic_write(png_path, to_png(report, specs))
+    if "png" in formats and models:
+        atomic_write(png_path, to_png(report, models))
         written.append(png_path)
     if "json" in formats:
         atomic_write(json_path, to_json(report))

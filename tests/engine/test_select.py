@@ -7,6 +7,7 @@ import pytest
 
 from mlqpipe.engine.select import PENDING, Match, RuleMatcher, decide
 from mlqpipe.formats.nn.inventory import inventory
+from mlqpipe.formats.nn.model import CoreMLModel
 from mlqpipe.recipe.types import CoremltoolsSelector, Range, Rule
 from tests.builders import add_activation, add_conv, add_inner_product, model, network
 
@@ -35,7 +36,7 @@ def spec():
 
 def _selected(spec, **conditions) -> set[str]:
     m = RuleMatcher(Rule(name="r", **conditions))
-    m.prepare(spec)
+    m.prepare(CoreMLModel(spec))
     return {r.id for r in inventory(spec) if m.matches(r)}
 
 
@@ -85,7 +86,7 @@ def test_coremltools_selector_condition(spec):
 def _decide(spec, *rules):
     matchers = [RuleMatcher(r) for r in rules]
     for m in matchers:
-        m.prepare(spec)
+        m.prepare(CoreMLModel(spec))
     return {r.id: decide(r, matchers) for r in inventory(spec)}
 
 
@@ -117,7 +118,7 @@ def test_python_rule_is_pending_in_a_plan(spec):
     pending, decided by that rule; the others fall through to later rules."""
     rule = Rule(name="team", python="no_such_module_anywhere:select", layer=("dense_*",))
     m = RuleMatcher(rule)
-    m.prepare(spec)
+    m.prepare(CoreMLModel(spec))
     assert m.matches(next(r for r in inventory(spec) if r.id == "dense_1:weights")) == PENDING
     got = _decide(spec, rule, Rule(name="rest"))
     assert got["dense_1:weights"] == Match("team", True, pending=True)
@@ -130,6 +131,6 @@ def test_python_rule_runs_in_a_build(spec, tmp_path):
     name = f"sel_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text("def select(rec):\n    return rec.count >= 100\n")
     m = RuleMatcher(Rule(name="team", python=f"{name}:select"), python_path=(tmp_path,), allow_custom=True)
-    m.prepare(spec)
+    m.prepare(CoreMLModel(spec))
     assert {r.id for r in inventory(spec) if m.matches(r) is True} == {"conv1:weights", "dense_1:weights"}
     assert all(m.matches(r) is False for r in inventory(spec) if r.count < 100)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from mlqpipe.formats.nn.model import CoreMLModel
 from mlqpipe.quality.report import build_report, flags, stage_rows, to_json, to_markdown
 from mlqpipe.recipe.types import Stage
 from tests.builders import add_inner_product, describe, model, network
@@ -47,9 +48,13 @@ def _expected(name):
 STAGES = [Stage(name="f", mode="fold"), Stage(name="half", mode="fp16")]
 
 
+def _models(*specs):
+    return [CoreMLModel(s) for s in specs]
+
+
 def _specs():
     before = _spec(False)
-    return [before, before, _spec(True)]  # before the fold, after it (nothing folded), after fp16
+    return _models(before, before, _spec(True))  # before the fold, after it (nothing folded), after fp16
 
 
 def test_rows_and_metrics():
@@ -79,7 +84,7 @@ def test_identical_values_give_infinite_snr():
     before_nn.layers[1].innerProduct.weights.floatValue = exact.astype("<f4").tobytes()
     nn.layers[1].innerProduct.ClearField("weights")
     nn.layers[1].innerProduct.weights.float16Value = exact.astype("<f2").tobytes()
-    (row,) = stage_rows([before, after], [Stage(name="half", mode="fp16")])
+    (row,) = stage_rows(_models(before, after), [Stage(name="half", mode="fp16")])
     assert row["id"] == "b:weights" and row["snr_db"] == math.inf and row["max_abs_error"] == 0 and row["relative_l2_error"] == 0
     assert row["rule"] is None
 
@@ -97,7 +102,7 @@ def test_flags_name_the_outlier():
 def test_report_totals_versions_and_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     specs = _specs()
-    specs[-1].specificationVersion = 2
+    specs[-1].spec.specificationVersion = 2
     job = SimpleNamespace(input=tmp_path / "m.mlmodel", output=tmp_path / "out" / "m.q.mlmodel", stages=STAGES)
     recipe = SimpleNamespace(path=tmp_path / "r.yaml")
     report = build_report(job, recipe, specs)
@@ -117,5 +122,5 @@ def test_report_totals_versions_and_json(tmp_path, monkeypatch):
 
 def _specs_v2():
     specs = _specs()
-    specs[-1].specificationVersion = 2
+    specs[-1].spec.specificationVersion = 2
     return specs

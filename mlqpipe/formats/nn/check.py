@@ -15,11 +15,10 @@ is, with a warning, and its copy of the problem is not held against the output (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
 from mlqpipe.errors import CheckError
+from mlqpipe.formats.base import Finding
 from mlqpipe.formats.nn.description import read_description
 from mlqpipe.formats.nn.inventory import WeightRecord, layer_records
 from mlqpipe.formats.nn.structure import iter_layers
@@ -46,20 +45,6 @@ _RECURRENT_IO = {
     "uniDirectionalLSTM": ((1, 3), 3),
     "biDirectionalLSTM": ((1, 5), 5),
 }
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # "error" or "warning"
-    rule: str
-    where: str
-    message: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return f"{self.severity}: {self.where}: {self.message} [{self.rule}]"
 
 
 def check_spec(spec) -> list[Finding]:

@@ -8,45 +8,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from mlqpipe.errors import ModelError
+from mlqpipe.formats.base import WeightRecord as BaseRecord
 from mlqpipe.formats.nn.layers import Slot, layer_type, weight_slots
 from mlqpipe.formats.nn.structure import iter_layers, neural_networks
 from mlqpipe.formats.nn.weights import Storage, read_values, storage_of, stored_count
 
 
-@dataclass
-class WeightRecord:
-    """One weight blob (WeightParams) of a model: what selectors, rules, plans and reports look at.
+@dataclass(kw_only=True)
+class WeightRecord(BaseRecord):
+    """One weight blob (WeightParams) of a neural-network model.
 
     id: `[models[i]/][layer.subnetwork/]layer:slot`, unique and stable; where: the same, for messages.
     model_path / network_path: "" at the top; "models[1]/" inside pipelines, "loop_1.bodyNetwork/" inside
-      branch/loop networks.  layer, layer_type ("convolution", ...), field ("weights", "bias", "gamma",
-      "inputGateWeightMatrix", ...), slot_path (the field's path inside the layer's parameters).
+      branch/loop networks (`network` is both). layer_type ("convolution", ...), field ("weights", "bias",
+      "gamma", "inputGateWeightMatrix", ...), slot_path (the field's path inside the layer's parameters).
     shape: logical shape from the layer's parameters (None when the layer does not say); axis: the output-
       channel axis per-channel scales use (None: per tensor); count: number of values.
     storage: how it is stored; compares equal to its printed form ("float32", "float16", "linear8",
       "lut4", "int8", "empty"); `storage.kind` drops the bit count, `storage.is_quantized` asks directly.
     updatable, expected (the layer's flags, e.g. hasBias, say the blob holds data), is_bias,
       coremltools (coremltools' quantize_weights would quantize it), in_channels, out_channels, groups,
-      depthwise.
+      depthwise, kernel_channels (convolutions), layer_weight_count (values of the layer's first blob).
     values() / float_values(): the numbers as float32 (dequantized if needed; the latter refuses NaN/Inf).
     """
 
     model_path: str  # "" or "models[1]/" inside pipelines
     network_path: str  # "" or "loop_1.bodyNetwork/" for nested networks
-    layer: str
-    layer_type: str
-    field: str
     slot_path: str
-    shape: tuple[int, ...] | None
-    axis: int | None
-    count: int
-    storage: Storage
-    updatable: bool
     coremltools: bool
     is_bias: bool
     expected: bool  # the layer's flags (hasBias, ...) say this blob holds data
@@ -54,10 +46,15 @@ class WeightRecord:
     out_channels: int | None
     groups: int
     depthwise: bool
+    kernel_channels: int | None = None
+    layer_weight_count: int | None = None
     layer_msg: Any = field(repr=False, compare=False, default=None)
     wp: Any = field(repr=False, compare=False, default=None)
     network_msg: Any = field(repr=False, compare=False, default=None)
     model_spec: Any = field(repr=False, compare=False, default=None)
+
+    CONDITIONS: ClassVar[frozenset[str]] = frozenset({"in_channels", "out_channels", "kernel_channels", "layer_weight_count",
+                                                      "depthwise", "position", "coremltools_selector"})
 
     @property
     def id(self) -> str:
@@ -69,6 +66,14 @@ class WeightRecord:
         return f"layer '{self.layer}' ({self.layer_type}) field {self.slot_path}" + (
             f" in {self.model_path}{self.network_path}".rstrip("/") if self.model_path or self.network_path else ""
         )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.field, self.slot_path)
+
+    @property
+    def field_path(self) -> str:
+        return self.slot_path
 
     @property
     def nbytes(self) -> int:
@@ -89,14 +94,6 @@ class WeightRecord:
         flat = read_values(self.wp, self.count, self.where, shape=self.shape, axis=self.axis, groups=self.groups)
         return flat.reshape(self.shape) if self.shape and flat.size == prod(self.shape) else flat
 
-    def float_values(self) -> np.ndarray:
-        """Like `values`, but refuses NaN or Inf with an error naming the layer."""
-        v = self.values()
-        if not np.all(np.isfinite(v)):
-            bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
-            raise ModelError(f"{self.where}: {bad} NaN or Inf weight value(s); fix the source model before quantizing")
-        return v
-
 
 def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
     """Every weight blob of every neural network in `spec` (our Model message; the public
@@ -111,14 +108,16 @@ def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
 def layer_records(model_path, net_path, network, layer, model_spec, *, include_empty=False) -> list[WeightRecord]:
     """The records of one layer's blobs (empty ones only when asked)."""
     records = []
-    for slot in weight_slots(layer):
+    slots = weight_slots(layer)
+    layer_weight_count = prod(slots[0].shape) if slots and slots[0].shape else None
+    for slot in slots:
         st = storage_of(slot.wp)
         if st.kind != "empty" or include_empty:
-            records.append(_record(model_path, net_path, network, layer, slot, st, model_spec))
+            records.append(_record(model_path, net_path, network, layer, slot, st, model_spec, layer_weight_count))
     return records
 
 
-def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model_spec) -> WeightRecord:
+def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model_spec, layer_weight_count) -> WeightRecord:
     count = prod(slot.shape) if slot.shape is not None else stored_count(slot.wp, st)
     kind = layer_type(layer)
     # coremltools' definition (AdvancedQuantizedLayerSelector): one kernel channel, several groups
@@ -126,6 +125,7 @@ def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model
     return WeightRecord(
         model_path=model_path,
         network_path=net_path,
+        network=model_path + net_path,
         layer=layer.name,
         layer_type=kind,
         field=slot.field,
@@ -142,6 +142,8 @@ def _record(model_path, net_path, network, layer, slot: Slot, st: Storage, model
         out_channels=slot.out_channels,
         groups=slot.groups,
         depthwise=depthwise,
+        kernel_channels=int(layer.convolution.kernelChannels) if kind == "convolution" else None,
+        layer_weight_count=layer_weight_count,
         layer_msg=layer,
         wp=slot.wp,
         network_msg=network,

@@ -7,44 +7,13 @@ numpy arrays; writers replace whatever storage was there, so a blob never ends u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from mlqpipe.errors import ModelError
+from mlqpipe.formats.base import Storage
 from mlqpipe.formats.nn.packing import unpack_msb_first
 
 STORAGE_FIELDS = ("floatValue", "float16Value", "rawValue", "int8RawValue")
-
-
-@dataclass(frozen=True)
-class Storage:
-    """How a blob is stored: kind is float32, float16, linear, lut, int8, empty or conflict."""
-
-    kind: str
-    nbits: int = 0  # the value count is not kept here: reading it copies the bytes (see stored_count)
-
-    @property
-    def is_float(self) -> bool:
-        return self.kind in ("float32", "float16")
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.kind in ("linear", "lut", "int8")
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.nbits}" if self.kind in ("linear", "lut") else self.kind
-
-    def __eq__(self, other) -> bool:
-        """Equal to another Storage, or to the string it prints as (`rec.storage == "float32"`, "linear8")."""
-        if isinstance(other, str):
-            return str(self) == other
-        if isinstance(other, Storage):
-            return (self.kind, self.nbits) == (other.kind, other.nbits)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(str(self))  # consistent with equality to strings
 
 
 def set_fields(wp) -> list[str]:
