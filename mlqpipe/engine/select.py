@@ -23,6 +23,7 @@ from mlqpipe.recipe.types import Rule
 PENDING = "pending"  # a python rule not evaluated in a plan
 # conditions every format's records answer; the others are listed by each record type (CONDITIONS)
 NEUTRAL_CONDITIONS = frozenset({"layer", "layer_regex", "layer_type", "field", "network", "count", "storage", "python"})
+_RANGES = ("count", "in_channels", "out_channels", "kernel_channels", "layer_weight_count")
 _FLAGS = ("name", "exclude", "optional", "min_snr_db")  # a rule's settings that are not conditions
 
 
@@ -87,14 +88,10 @@ class RuleMatcher:
             return False
         if r.network and not any(fnmatchcase(rec.network, p) for p in r.network):
             return False
-        for attr, value in (("count", rec.count), ("in_channels", rec.in_channels), ("out_channels", rec.out_channels)):
+        for attr in _RANGES:  # read only when the rule sets it: records of other formats lack most of these
             bounds = getattr(r, attr)
-            if bounds is not None and not bounds.contains(value):
+            if bounds is not None and not bounds.contains(getattr(rec, attr)):
                 return False
-        if r.kernel_channels is not None and not r.kernel_channels.contains(rec.kernel_channels):
-            return False
-        if r.layer_weight_count is not None and not r.layer_weight_count.contains(rec.layer_weight_count):
-            return False
         if r.depthwise is not None and rec.depthwise != r.depthwise:
             return False
         if r.position and not set(r.position) & self._edges.get((rec.network, rec.layer), set()):

@@ -299,10 +299,6 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
         if not matches or (not glob.has_magic(pattern) and not matches[0].exists()):
             problems.append(doc.problem(at + ("input",), f"no model file matches '{pattern}'", f"paths are relative to {_shown(base_dir)}"))
             return []
-        for m in matches:
-            if m.is_dir():
-                problems.append(doc.problem(at + ("input",), f"'{_shown(m)}' is a directory; mlqpipe reads .mlmodel files (ML program .mlpackage bundles are not supported)"))
-                return []
     overrides = settings.get("stages") or {}
     names = [s.name for s in stages]
     for name in overrides:
