@@ -105,6 +105,23 @@ def test_neural_network_format_runs_one_way():
     assert not bad, "\n".join(bad)
 
 
+# modules that work on any format: they reach a format only through formats.base and formats.registry.
+# (engine/compat.py and engine/ct_selectors.py are coremltools' neural-network API; quality/evaluate is the
+# neural-network evaluator; cli/show.py moves to the protocol with the ML-program format.)
+FORMAT_NEUTRAL = ["mlqpipe.engine.select", "mlqpipe.engine.plan", "mlqpipe.engine.execute", "mlqpipe.engine.modes",
+                  "mlqpipe.quality.report", "mlqpipe.quality.gates", "mlqpipe.build.tasks", "mlqpipe.build.run",
+                  "mlqpipe.build.cache", "mlqpipe.build.lock"]
+
+
+def test_format_neutral_modules_use_the_seam_only():
+    graph = _graph()
+    assert set(FORMAT_NEUTRAL) <= set(graph) | {m for m, _ in _modules()}
+    bad = [f"{path.relative_to(REPO)}:{line}: {module} imports {target}"
+           for module in FORMAT_NEUTRAL for line, target, path in graph.get(module, ())
+           if target.startswith("mlqpipe.formats.") and target not in ("mlqpipe.formats.base", "mlqpipe.formats.registry")]
+    assert not bad, "use formats.base / formats.registry (the ModelFormat protocol):\n" + "\n".join(bad)
+
+
 def test_no_import_cycle():
     graph = {m: {t for _, t, _ in imports if t != m} for m, imports in _graph().items()}
     state, cycles = {}, []
