@@ -94,7 +94,7 @@ def validate_models(paths) -> dict[Path, str | None]:
     paths = [Path(p) for p in paths]
     if not paths:
         return {}
-    out = subprocess.run([_validator(), *map(str, paths)], capture_output=True, text=True, timeout=600).stdout
+    out = subprocess.run([_validator(), *map(str, paths)], capture_output=True, text=True, errors="replace", timeout=600).stdout
     if len(paths) == 1:  # a lone model's verdict has no "PATH: " prefix
         return {paths[0]: _verdict(out)}
     # one verdict per argument, in argument order: "PATH: OK" or "PATH: <message>" (a message may wrap)

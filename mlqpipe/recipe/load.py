@@ -287,7 +287,12 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
     if not template:
         problems.append(doc.problem(at, "no output path", "give output: build/{stem}.q.mlmodel here or under defaults"))
         return []
-    bad = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None and f not in _PLACEHOLDERS]
+    try:
+        bad = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None and f not in _PLACEHOLDERS]
+    except ValueError as e:  # an unmatched brace
+        problems.append(doc.problem(at + ("output",), f"output {template!r} is not a valid path template ({e})",
+                                    "placeholders are written {stem}; write {{ or }} for a literal brace"))
+        return []
     if bad:
         problems.append(doc.problem(at + ("output",), f"unknown placeholder {{{bad[0]}}} in output", f"placeholders: {', '.join('{' + p + '}' for p in sorted(_PLACEHOLDERS))}"))
         return []

@@ -60,6 +60,7 @@ CASES = [
     ("output collision", "version: 1\nmodels:\n  - {input: m.mlmodel, output: out/x.mlmodel}\n  - {input: m.mlmodel, output: out/x.mlmodel}\nrules: {everything: {}}\nstages: [{mode: fp16, rules: [everything]}]\n", "is written twice", 4),
     ("output is input", GOOD_HEAD.replace("out/{stem}.q.mlmodel", "'{name}'") + "stages: [{mode: fp16, rules: [everything]}]\n", "is the input itself", 4),
     ("bad placeholder", GOOD_HEAD.replace("{stem}", "{stme}") + "stages: [{mode: fp16, rules: [everything]}]\n", "unknown placeholder {stme}", 4),
+    ("unmatched brace in output", GOOD_HEAD.replace("{stem}", "{stem") + "stages: [{mode: fp16, rules: [everything]}]\n", "output 'out/{stem.q.mlmodel' is not a valid path template", 4),
     ("no output", "version: 1\nmodels:\n  - input: m.mlmodel\nrules: {everything: {}}\nstages: [{mode: fp16, rules: [everything]}]\n", "no output path", 3),
     ("unmatched rule", GOOD_HEAD.replace("everything: {}", "everything: {}\n  convs: {layer_type: convolution}") + "stages: [{mode: fp16, rules: [convs, everything]}]\n", "rule 'convs' matches no weight", 7),
     ("unused rule", GOOD_HEAD.replace("everything: {}", "everything: {}\n  spare: {layer: x}") + "stages: [{mode: fp16, rules: [everything]}]\n", "rule 'spare' is not used by any stage", 7),
