@@ -1,0 +1,280 @@
+"""Loading and saving ML-program packages (.mlpackage) without coremltools, never holding the weights in memory.
+
+`MLProgram` is the spec (our Model message: the program and the description) plus the package it came
+from: weights stay in the input's weight files, read through memory maps when a value is asked for.
+Saving streams a new package: model.mlmodel from our messages, every weight file rewritten blob by blob
+(untouched blobs copied without decoding, in the input's order, every `blobFileValue` offset updated),
+other items of the package copied, and Manifest.json kept byte for byte when the model is unchanged
+(identifiers derived from the content otherwise, so equal outputs are equal bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from math import prod
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from mlqpipe.errors import ModelError
+from mlqpipe.formats.mlprogram import proto
+from mlqpipe.formats.mlprogram.blob import BlobFile, BlobWriter
+from mlqpipe.formats.mlprogram.package import (
+    COREML_AUTHOR, WEIGHTS_NAME, PackageLayout, copy_other_items, dump_manifest, item_identifier, read_layout,
+    resolve_blob_file, write_package,
+)
+from mlqpipe.formats.mlprogram.program import blob_dtype_code, immediate_array, tensor_type, walk
+
+_LFS_MAGIC = b"version https://git-lfs"
+_MAX_PROTO = 2**31 - 1
+
+
+class MLProgram:
+    """An ML program: `spec` (proto.Model with mlProgram set) and the package its weights live in."""
+
+    inherited_findings: tuple = ()
+
+    def __init__(self, spec, layout: PackageLayout, source: str, model_bytes: bytes | None = None):
+        self.spec = spec
+        self.layout = layout
+        self.source = source
+        self._model_bytes = model_bytes  # as read: an unchanged spec keeps the input's manifest
+        self._blobs: dict[Path, BlobFile] = {}
+        self._keep: object = None  # a temporary package this model reads from (from_artifact)
+
+    # --- weights ---------------------------------------------------------------------------------------------
+
+    def blob_file(self, file_name: str) -> BlobFile:
+        """The weight file a `blobFileValue.fileName` names, opened once (memory-mapped)."""
+        path = resolve_blob_file(self.layout, file_name)
+        found = self._blobs.get(path)
+        if found is None:
+            rel = path.relative_to(self.layout.root).as_posix()
+            found = self._blobs[path] = BlobFile(path, f"{self.source}: {rel}")
+        return found
+
+    def value_array(self, value, where: str):
+        """The numbers of a tensor Value (immediate or in a weight file) in its declared dtype and shape;
+        a weight-file value is a read-only view into the mapping (sub-byte dtypes: decoded codes)."""
+        if value.HasField("blobFileValue"):
+            tt = tensor_type(value.type)
+            if tt is None:
+                raise ModelError(f"{where}: a weight-file value without a tensor type; the model is damaged")
+            dtype, shape = tt
+            code = blob_dtype_code(dtype)
+            if code is None:
+                raise ModelError(f"{where}: dtype {proto.DATA_TYPE_NAMES.get(dtype, dtype)} cannot be stored in a weight file")
+            ref = value.blobFileValue
+            count = prod(shape) if shape is not None else None
+            try:
+                array = self.blob_file(ref.fileName).array(ref.offset, code, count)
+            except ModelError as e:
+                raise ModelError(f"{where}: {e}") from None
+            return array.reshape(shape) if shape is not None else array
+        return immediate_array(value, where)
+
+    def op_parameters(self, op, where: str) -> dict:
+        """parameter -> its value: a numpy array for a literal (an attribute, or an input bound to a value:
+        constexpr ops keep their parameters as attributes before iOS18 and as inputs from iOS18), or the
+        name of the variable bound to it (a str). The op's `name` attribute is left out."""
+        out: dict = {}
+        for e in op.attributes:
+            if e.key != "name":
+                out[e.key] = self.value_array(e.value, f"{where} parameter {e.key}")
+        for e in op.inputs:
+            args = list(e.value.arguments)
+            if len(args) == 1:
+                b = args[0]
+                out[e.key] = b.name if b.WhichOneof("binding") == "name" else self.value_array(b.value, f"{where} parameter {e.key}")
+            else:
+                out[e.key] = [b.name if b.WhichOneof("binding") == "name" else self.value_array(b.value, f"{where} parameter {e.key}")
+                              for b in args]
+        return out
+
+    def close(self) -> None:
+        for b in self._blobs.values():
+            b.close()
+        self._blobs.clear()
+
+    # --- copies and saving -----------------------------------------------------------------------------------
+
+    def copy(self) -> "MLProgram":
+        """A model with its own spec reading the same weight files (they are never modified)."""
+        twin = MLProgram(proto.Model.FromString(self.spec.SerializeToString()), self.layout, self.source, self._model_bytes)
+        twin._keep = self._keep
+        twin.inherited_findings = self.inherited_findings
+        return twin
+
+    def save(self, path, *, check: bool = True, overwrite: bool = False) -> None:
+        """Write the package atomically (a directory; see the module docstring). The package the model was
+        loaded from is an input: replacing it needs `overwrite=True`."""
+        if not overwrite and _same(self.layout.root, path):
+            raise ModelError(f"{os.fspath(path)}: this is the package the model was loaded from; refusing to overwrite "
+                             "an input (save to another path, or pass overwrite=True)")
+        if check:
+            from mlqpipe.formats.mlprogram.check import raise_on_errors
+
+            raise_on_errors(self, where=os.fspath(path))
+        if overwrite and _same(self.layout.root, path):
+            self._detach()  # the old package is replaced: read from a private copy of it while writing
+        try:
+            write_package(path, self._fill)
+        except OSError as e:
+            raise ModelError(f"{os.fspath(path)}: cannot write the package: {e.strerror or e}; nothing was written") from None
+
+    def _detach(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="mlqpipe-pkg-"))
+        shutil.copytree(self.layout.root, tmp / self.layout.root.name, symlinks=True)
+        self.close()
+        self.layout = read_layout(tmp / self.layout.root.name)
+        self._keep = weakref.finalize(self, shutil.rmtree, tmp, True)
+
+    def _fill(self, root: Path) -> None:
+        spec = proto.Model.FromString(self.spec.SerializeToString())
+        model_rel = self.layout.model_path.relative_to(self.layout.root)
+        _rewrite_blobs(self, spec, root)
+        data = spec.SerializeToString()
+        target = root / model_rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write(target, data)
+        if self.layout.weights_dir is not None:
+            (root / self.layout.weights_dir.relative_to(self.layout.root)).mkdir(parents=True, exist_ok=True)
+        copy_other_items(self.layout, root)
+        unchanged = data == self._model_bytes
+        _write(root / "Manifest.json", self.layout.manifest_bytes if unchanged else _derived_manifest(self.layout, data))
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf name, as CoreMLModel has
+        return self.spec.SerializeToString()
+
+    def __repr__(self) -> str:
+        return f"MLProgram({self.source!r}, specificationVersion={self.spec.specificationVersion})"
+
+
+def blob_values(spec):
+    """Every Value of the program stored in a weight file, with the op holding it, in walk order: const
+    `val`s and constexpr parameters (attributes before iOS18, input bindings from iOS18)."""
+    for site in walk(spec.mlProgram, "<model>"):
+        for entry in site.op.attributes:
+            if entry.value.HasField("blobFileValue"):
+                yield site, entry.value
+        for entry in site.op.inputs:
+            for binding in entry.value.arguments:
+                if binding.HasField("value") and binding.value.HasField("blobFileValue"):
+                    yield site, binding.value
+
+
+def _rewrite_blobs(model: MLProgram, spec, root: Path) -> None:
+    """Copy every referenced blob into the new package (per weight file, in the input's offset order, each
+    blob once however many values share it) and point the values of `spec` at the new offsets."""
+    refs: dict[str, list] = {}
+    for _, value in blob_values(spec):
+        refs.setdefault(value.blobFileValue.fileName, []).append(value)
+    for file_name, values in refs.items():
+        source = model.blob_file(file_name)
+        rel = source.path.relative_to(model.layout.root)
+        out = root / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        moved = {}
+        with BlobWriter(out) as writer:
+            for offset in sorted({v.blobFileValue.offset for v in values}):
+                moved[offset] = writer.copy_from(source, offset)
+                source.release(offset)
+        for v in values:
+            v.blobFileValue.offset = moved[v.blobFileValue.offset]
+
+
+def _derived_manifest(layout: PackageLayout, model_bytes: bytes) -> bytes:
+    """The input's manifest with the model's and the weights' identifiers derived from the new model's
+    content (other items keep theirs)."""
+    import hashlib
+
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    entries = layout.manifest["itemInfoEntries"]
+    renamed = {}
+    for ident, entry in entries.items():
+        ours = ident == layout.model_id or (entry.get("name") == WEIGHTS_NAME and entry.get("author") == COREML_AUTHOR)
+        renamed[item_identifier(digest, entry["path"]) if ours else ident] = entry
+    manifest = {**layout.manifest, "itemInfoEntries": renamed,
+                "rootModelIdentifier": item_identifier(digest, entries[layout.model_id]["path"])}
+    return dump_manifest(manifest)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def _same(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def load_package(path) -> MLProgram:
+    """Read an .mlpackage: its layout (Manifest.json checked), its model.mlmodel, weights left on disk."""
+    layout = read_layout(path)
+    where = os.fspath(path)
+    rel = layout.model_path.relative_to(layout.root).as_posix()
+    try:
+        data = layout.model_path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{where}: {rel}: cannot read: {e.strerror or e}") from None
+    return parse_program(data, layout, where)
+
+
+def parse_program(data: bytes, layout: PackageLayout, where: str) -> MLProgram:
+    rel = layout.model_path.relative_to(layout.root).as_posix()
+    if not data:
+        raise ModelError(f"{where}: {rel} is empty; the package is damaged (re-export the model)")
+    if data.startswith(_LFS_MAGIC):
+        raise ModelError(f"{where}: {rel} is a Git LFS pointer, not the model itself; run `git lfs pull` first")
+    if len(data) > _MAX_PROTO:
+        raise ModelError(f"{where}: {rel}: {len(data)} bytes exceeds protobuf's 2 GB message limit")
+    try:
+        spec = proto.Model.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(f"{where}: {rel} is not a valid Core ML model (protobuf parse failed: {e}); is it corrupt?") from None
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        what = "no model type" if kind is None else f"a {kind} model"
+        hint = "; save neural networks as .mlmodel files" if kind in ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor") else ""
+        if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):
+            hint = ("; pipelines inside packages (e.g. a detector followed by non-maximum suppression) are not "
+                    "supported yet: compress the ML program before assembling the pipeline")
+        raise ModelError(f"{where}: {rel} holds {what}, not an ML program{hint}")
+    model = MLProgram(spec, layout, where, data)
+    list(walk(spec.mlProgram, where))  # every function has its active block (or a located error now)
+    return model
+
+
+def from_tree(files: dict, where: str) -> MLProgram:
+    """A model from a package held as {relative path: bytes} (the build cache): written to a private
+    temporary directory the model reads from while it lives."""
+    from mlqpipe.artifacts import write_tree
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlqpipe-pkg-"))
+    try:
+        write_tree(tmp / "model.mlpackage", files)
+        model = load_package(tmp / "model.mlpackage")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model.source = where
+    model._keep = weakref.finalize(model, shutil.rmtree, tmp, True)
+    return model
+
+
+def to_tree(model: MLProgram) -> dict:
+    """The package as {relative path: bytes} (what the build cache stores)."""
+    from mlqpipe.artifacts import read_tree
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlqpipe-pkg-"))
+    try:
+        model.save(tmp / "out.mlpackage", check=False)
+        return read_tree(tmp / "out.mlpackage")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
