@@ -1,4 +1,4 @@
-"""mlqpipe: declarative, cached, reproducible weight quantization for Core ML neural-network models.
+"""mlqpipe: declarative, cached, reproducible weight compression for Core ML models.
 
 The public API is loaded lazily so `import mlqpipe` (and the CLI) stay fast.
 """
@@ -14,9 +14,10 @@ _EXPORTS = {
     "QuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
     "AdvancedQuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
     "MatrixMultiplyLayerSelector": "mlqpipe.engine.ct_selectors",
-    "load_model": "mlqpipe.formats.nn.model",
+    "load_model": "mlqpipe.formats.registry",  # either format: .mlmodel files and .mlpackage directories
     "CoreMLModel": "mlqpipe.formats.nn.model",
-    "inventory": "mlqpipe.formats.nn.model:inventory_of",  # paths, bytes and specs too
+    "MLProgram": "mlqpipe.formats.mlprogram.model",
+    "inventory": "mlqpipe.formats.registry:inventory_of",  # paths, bytes, specs and loaded models
     "WeightRecord": "mlqpipe.formats.nn.inventory",
     "MlqpipeError": "mlqpipe.errors",
     "ModelError": "mlqpipe.errors",

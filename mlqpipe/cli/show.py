@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
-from mlqpipe.formats.nn.inventory import WeightRecord, inventory
-from mlqpipe.formats.nn.model import load_model
 from mlqpipe.errors import ModelError
+from mlqpipe.formats.base import WeightRecord
+from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.quality.tables import table
 
 
@@ -21,10 +21,10 @@ def inventory_rows(records: list[WeightRecord]) -> list[dict]:
             "id": r.id,
             "layer": r.layer,
             "type": r.layer_type,
-            "field": r.slot_path,
+            "field": r.field_path,
             "shape": list(r.shape) if r.shape else None,
             "count": r.count,
-            "storage": str(r.storage),
+            "storage": r.storage.describe(),
             "bytes": r.nbytes,
             "updatable": r.updatable,
         }
@@ -33,38 +33,44 @@ def inventory_rows(records: list[WeightRecord]) -> list[dict]:
 
 
 def print_inventory(path: str, as_json: bool = False) -> int:
-    from mlqpipe.formats.nn.description import feature_rows
-
     model = load_model(path)
-    rows = inventory_rows(inventory(model.spec))
-    features = feature_rows(model.spec)
+    fmt = format_of(model)
+    rows = inventory_rows(fmt.inventory(model))
+    info = fmt.describe(model)
     if as_json:
-        json.dump({"model": path, "type": model.model_type, "specificationVersion": model.spec.specificationVersion,
-                   **features, "weights": rows}, sys.stdout, indent=2)
+        json.dump({"model": path, "format": fmt.name, **info, "weights": rows}, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{path}: {model.model_type}, specificationVersion {model.spec.specificationVersion}, "
-          f"{len(rows)} weight blobs, {sum(r['bytes'] for r in rows)} bytes of weights")
+    print(f"{path}: {info['type']}, specificationVersion {info['specificationVersion']}, "
+          f"{len(rows)} weight{'s' if len(rows) != 1 else ''}, {sum(r['bytes'] for r in rows)} bytes of weights")
     for side in ("inputs", "outputs"):
-        for f in features[side]:
+        for f in info[side]:
             shape = f" {_shape(f['shape'])}" if f["shape"] else ""
             print(f"  {side[:-1]:6} {f['name']}: {f['type']}{shape}{' (optional)' if f['optional'] else ''}")
+    for f in info.get("functions", ()):
+        print(f"  function {f['name']}{' (default)' if f['default'] else ''}: opset {f['opset']}, {f['ops']} ops, "
+              f"inputs {', '.join(f['inputs']) or '-'}")
     for row in rows:
         row["shape"] = _shape(row["shape"])
         row["updatable"] = "updatable" if row["updatable"] else ""
     print(table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("storage", "storage"),
                        ("bytes", "bytes"), ("updatable", "")]))
+    params = info.get("parameters") or []
+    if params:
+        print(f"{len(params)} parameter{'s' if len(params) != 1 else ''} (small consts: shapes, axes, strides; never "
+              "selected by rules):")
+        print(table([{**p, "shape": _shape(p["shape"])} for p in params], [("name", "parameter"), ("dtype", "dtype"),
+                                                                             ("shape", "shape")]))
     return 0
 
 
 def print_check(paths: list[str], as_json: bool = False, verbose: int = 0) -> int:
     """Exit 0 when clean (warnings allowed), 1 with any error finding, 2 when a file cannot be read."""
-    from mlqpipe.formats.nn.check import check_spec
-
     results, status = [], 0
     for path in paths:
         try:
-            findings = check_spec(load_model(path).spec)
+            model = load_model(path)
+            findings = format_of(model).check(model)
         except ModelError as e:
             results.append({"model": path, "readable": False, "error": str(e), "findings": []})
             status = 2

@@ -6,6 +6,8 @@ invalid or wrong model, this does the correct thing instead (see README, "Differ
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from typing import Any
 
@@ -45,6 +47,7 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
         mode = next(name for name, entry in MODES.items() if entry.storage == "float16")
     check_settings(mode, nbits)
     m = MODES[mode]
+    _refuse_ml_program(full_precision_model)
     model = load_model(full_precision_model)
     model.inherited_findings = input_findings(model.spec, model.source)  # already invalid: warn, keep going
     selector = kwargs.get("selector") or QuantizedLayerSelector()
@@ -66,3 +69,18 @@ def quantize_weights(full_precision_model: Any, nbits: int, quantization_mode: s
         apply_mode(rec, settings)
     raise_versions(model.spec, "float16" if nbits == 16 else "quantized")  # coremltools keys this on nbits, not the mode
     return model
+
+
+def _refuse_ml_program(model: Any) -> None:
+    """quantize_weights is coremltools' neural-network API; an ML program (a package path, a loaded
+    MLProgram, a coremltools MLModel of one) gets a pointer to the API for ML programs instead."""
+    from mlqpipe.formats.registry import format_of, formats, load_model as load_any
+
+    package = model if isinstance(model, (str, os.PathLike)) else getattr(model, "package_path", None)
+    is_program = any(f.owns(model) and f.name == "mlprogram" for f in formats())
+    if not is_program and isinstance(package, (str, os.PathLike)) and os.path.isdir(package):
+        is_program = format_of(load_any(package)).name == "mlprogram"
+    if is_program:
+        raise ModelError("quantize_weights compresses neural networks (.mlmodel); this is an ML program (.mlpackage): "
+                         "ML programs are compressed with mlqpipe.optimize, which is not available yet "
+                         "(mlqpipe inspect, check, validate and plan already read them)")

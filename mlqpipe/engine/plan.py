@@ -159,18 +159,24 @@ def setting_problems(job: ModelJob, recipe: Recipe, model) -> list[Problem]:
             for at, message, hint in evaluation_problems(model.spec, job.evaluation, job.gates)]
 
 
-def format_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
-    """Stages and rule conditions this model's format cannot carry out or answer, located in the recipe."""
+def mode_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
+    """Stages whose mode this model's format cannot store (the plan still shows what they would select)."""
     out = []
     for stage in job.stages:
-        i = stage_index(recipe, stage)
         mode = "fold" if stage.mode == "fold" else mode_named(stage.mode).name
         if mode not in fmt.modes:
-            out.append(_problem(recipe, ("stages", i, "mode"), f"{_shown(job.input)}: stage '{stage.name}': mode {stage.mode} "
-                                f"is not available for {fmt.name} models", f"choose one of {', '.join(sorted(fmt.modes))}"))
+            hint = getattr(fmt, "modes_note", "") or f"choose one of {', '.join(sorted(fmt.modes))}"
+            out.append(_problem(recipe, ("stages", stage_index(recipe, stage), "mode"),
+                                f"{_shown(job.input)}: stage '{stage.name}': mode {stage.mode} is not available for {fmt.name} models", hint))
+    return out
+
+
+def condition_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
+    """Rule conditions this model's format cannot answer, located in the recipe."""
+    out = []
+    for stage in job.stages:
         for name in stage.rules:
-            rule = recipe.rule(name)
-            for cond in sorted(set_conditions(rule) - fmt.record_type.CONDITIONS - NEUTRAL_CONDITIONS):
+            for cond in sorted(set_conditions(recipe.rule(name)) - fmt.record_type.CONDITIONS - NEUTRAL_CONDITIONS):
                 out.append(_problem(recipe, ("rules", name, cond), f"{_shown(job.input)}: rule '{name}' (stage '{stage.name}'): "
                                     f"condition {cond} cannot be answered for {fmt.name} models",
                                     "drop the condition, or give this model its own rule"))
@@ -197,10 +203,11 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
         plan.loaded = False
         return plan
     fmt = format_of(model)
-    plan.problems += format_problems(job, recipe, fmt)
-    if plan.problems:
+    plan.problems += condition_problems(job, recipe, fmt)
+    if plan.problems:  # rules this format cannot answer: nothing to simulate
         plan.loaded = False
         return plan
+    plan.problems += mode_problems(job, recipe, fmt)
     plan.version_before = fmt.version(model)
     plan.problems += setting_problems(job, recipe, model)
     overlay: dict = {}
@@ -208,6 +215,9 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
     for stage in job.stages:
         sp = StagePlan(stage)
         if stage.mode == "fold":
+            if "fold" not in fmt.modes:  # reported by mode_problems
+                plan.stages.append(sp)
+                continue
             try:
                 sp.folds = fmt.fold(model, stage.fold)
             except ModelError as e:  # the input breaks Core ML's rules in a way no fold can repair
@@ -223,7 +233,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
             plan.problems += problems
             overlay.update(after)
             floor = mode_named(stage.mode).version_floor
-            if floor and any(d.action == "quantize" for d in decisions):
+            if floor and any(d.action == "quantize" for d in decisions) and mode_named(stage.mode).name in fmt.modes:
                 fmt.raise_version(model, floor)  # as the build will
         plan.stages.append(sp)
     plan.version_after = fmt.version(model)

@@ -79,6 +79,7 @@ class WeightRecord:
     # rule conditions beyond the neutral ones (layer, layer_regex, layer_type, field, network, count,
     # storage, python) that records of this class can answer
     CONDITIONS: ClassVar[frozenset[str]] = frozenset()
+    FORMAT: ClassVar[str] = ""  # the name of the format whose inventory makes records of this class
 
     @property
     def id(self) -> str:
@@ -183,5 +184,7 @@ class ModelFormat(Protocol):
     def fold(self, model, kinds) -> list: ...  # layer folds; ModelError when the format has none
     def edge_layers(self, model) -> dict: ...  # (network, layer) -> {"first", "last"}
     def precision_problems(self, model, records, after: dict) -> list[Finding]: ...  # mixed float precision
+    def describe(self, model) -> dict: ...  # for inspect: type, specificationVersion, inputs, outputs, more
+    def check(self, model) -> list[Finding]: ...  # every rule Core ML enforces that we can verify
     def inherit_findings(self, model, original, where: str, warn: Callable) -> None: ...
     # ^ rules the input (`original`) already breaks: warned about, and not held against `model` when saved

@@ -12,6 +12,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -33,6 +34,8 @@ class FakeModel:
 
 @dataclass(kw_only=True)
 class FakeRecord(WeightRecord):
+    FORMAT: ClassVar[str] = "fake"
+
     def values(self, count=None) -> np.ndarray:
         model, t = self.handle
         raw = np.frombuffer(model.data[t["name"]], _DTYPES[t["storage"]])

@@ -22,7 +22,8 @@ class NeuralNetworkFormat:
     evaluator = "neuralnetwork"
 
     def claims(self, path) -> bool:
-        """Any regular file: a `.mlmodel` by name, anything else is tried as one (its parse names the problem)."""
+        """Any file the ML-program format did not claim: a `.mlmodel` by name, anything else is tried as one
+        (its parse names the problem)."""
         return not Path(path).is_dir()
 
     def owns(self, m) -> bool:
@@ -88,6 +89,15 @@ class NeuralNetworkFormat:
 
     def inherit_findings(self, m: CoreMLModel, original: CoreMLModel, where: str, warn) -> None:
         m.inherited_findings = check.input_findings(original.spec, where, warn=warn)
+
+    def describe(self, m: CoreMLModel) -> dict:
+        """What `mlqpipe inspect` shows beside the weights."""
+        from mlqpipe.formats.nn.description import feature_rows
+
+        return {"type": m.model_type, "specificationVersion": m.spec.specificationVersion, **feature_rows(m.spec)}
+
+    def check(self, m: CoreMLModel) -> list[Finding]:
+        return check.check_spec(m.spec)
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"

@@ -55,6 +55,7 @@ class WeightRecord(BaseRecord):
 
     CONDITIONS: ClassVar[frozenset[str]] = frozenset({"in_channels", "out_channels", "kernel_channels", "layer_weight_count",
                                                       "depthwise", "position", "coremltools_selector"})
+    FORMAT: ClassVar[str] = "neuralnetwork"
 
     @property
     def id(self) -> str:
@@ -97,7 +98,7 @@ class WeightRecord(BaseRecord):
 
 def inventory(spec, *, include_empty: bool = False) -> list[WeightRecord]:
     """Every weight blob of every neural network in `spec` (our Model message; the public
-    `mlqpipe.inventory` also takes paths, bytes and coremltools specs: model.inventory_of)."""
+    `mlqpipe.inventory` also takes paths, bytes and coremltools specs: registry.inventory_of)."""
     records = []
     for model_path, model_spec, nn in neural_networks(spec):
         for net_path, network, layer in iter_layers(nn):

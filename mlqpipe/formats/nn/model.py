@@ -94,12 +94,7 @@ def load_model(model: Any, *, name: str | None = None) -> CoreMLModel:
 
 def _read_file(path: Path) -> bytes:
     if path.is_dir():
-        if path.suffix == ".mlpackage":
-            raise ModelError(
-                f"{path}: an .mlpackage holds an ML program, which mlqpipe does not handle; "
-                "use coremltools.optimize.coreml for ML programs"
-            )
-        raise ModelError(f"{path}: is a directory, not a .mlmodel file")
+        raise ModelError(f"{path}: is a directory, not a .mlmodel file (mlqpipe.load_model reads .mlpackage directories)")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -155,20 +150,12 @@ def _check_supported(spec, where: str, path: str = "") -> None:
     at = f" (at {path})" if path else ""
     if kind is None:
         raise ModelError(f"{where}: not a Core ML model (no model type found{at}); is the file corrupt or of another format?")
+    if kind == "mlProgram" and path:
+        raise ModelError(f"{where}: is a pipeline with an ML program member{at}; pipelines of ML programs are not "
+                         "supported yet: compress the ML program package before assembling the pipeline")
     if kind == "mlProgram":
-        raise ModelError(
-            f"{where}: is an ML program{at}; mlqpipe handles neuralNetwork models only — "
-            "use coremltools.optimize.coreml for ML programs"
-        )
+        raise ModelError(f"{where}: is an ML program's model.mlmodel on its own; load its .mlpackage directory "
+                         "(the package holds the weights)")
     if kind in PIPELINE_TYPES:
         for i, sub in enumerate(pipeline_of(spec).models):
             _check_supported(sub, where, f"{path}models[{i}]/")
-
-
-def inventory_of(model: Any, *, include_empty: bool = False):
-    """`mlqpipe.inventory`: the weight records of anything load_model accepts (a path, bytes, a spec, an
-    MLModel, a CoreMLModel)."""
-    from mlqpipe.formats.nn.inventory import inventory
-
-    spec = model if isinstance(model, proto.Model) else load_model(model).spec
-    return inventory(spec, include_empty=include_empty)

@@ -1,0 +1,168 @@
+"""The ML-program format (`.mlpackage` directories) as one implementation of `formats.base.ModelFormat`.
+
+Part 1 of ML-program support: loading, inventory, checks, byte-exact saving, recipe validation and plans.
+No weight modes yet (`modes` is empty), so a recipe stage on an ML program is a located problem saying so.
+Imports stay lazy: the registry imports this module whenever it meets a directory or a package-like path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlqpipe.formats.base import Artifact, Finding, Storage
+
+_PACKAGE_SUFFIXES = (".mlpackage", ".mlmodelc", ".zip")
+
+
+class MLProgramFormat:
+    name = "mlprogram"
+    suffixes = (".mlpackage",)
+    directory = True
+    modes: frozenset[str] = frozenset()  # compression comes with mlqpipe.optimize (ML programs, part 2)
+    modes_note = "compressing ML programs is not supported yet (inspect, check, validate and plan are)"
+    evaluator = None
+
+    @property
+    def record_type(self) -> type:
+        from mlqpipe.formats.mlprogram.inventory import MLWeightRecord
+
+        return MLWeightRecord
+
+    def claims(self, path) -> bool:
+        """Directories (a package, or something a package reader can name the problem of) and files that
+        look like packages: zipped ones and compiled ones get their own refusals."""
+        p = Path(path)
+        if p.is_dir():
+            return True
+        name = p.name.lower()
+        return any(name.endswith(s) for s in _PACKAGE_SUFFIXES) or _is_zip(p)
+
+    def owns(self, m) -> bool:
+        from mlqpipe.formats.mlprogram.model import MLProgram
+
+        return isinstance(m, MLProgram)
+
+    def load(self, path):
+        from mlqpipe.formats.mlprogram.model import load_package
+
+        return load_package(path)
+
+    def from_artifact(self, data: Artifact, where: str):
+        from mlqpipe.formats.mlprogram.model import from_tree
+
+        return from_tree(data, where)
+
+    def to_artifact(self, m) -> dict:
+        from mlqpipe.formats.mlprogram.model import to_tree
+
+        return to_tree(m)
+
+    def copy(self, m):
+        return m.copy()
+
+    def save(self, m, path, *, check: bool = True) -> None:
+        m.save(path, check=check)
+
+    def source(self, m) -> str:
+        return m.source
+
+    def inventory(self, m) -> list:
+        from mlqpipe.formats.mlprogram.inventory import inventory
+
+        return inventory(m)
+
+    def version(self, m) -> int:
+        return m.spec.specificationVersion
+
+    def size(self, m) -> int:
+        """Bytes of the package as it would be written: the model message and every referenced blob."""
+        from mlqpipe.formats.mlprogram.model import blob_values
+
+        seen, total = set(), m.spec.ByteSize()
+        for _, value in blob_values(m.spec):
+            ref = (value.blobFileValue.fileName, value.blobFileValue.offset)
+            if ref not in seen:
+                seen.add(ref)
+                total += 64 + m.blob_file(ref[0]).blob(ref[1]).size_in_bytes
+        return total
+
+    def raise_version(self, m, change: str) -> None:
+        raise NotImplementedError("ML programs have no weight modes yet")
+
+    def stored_bytes(self, rec, storage: Storage) -> int:
+        """Bytes a weight takes in `storage`: as stored now, or an estimate for the plan (codes packed to
+        nbits, one float scale (and zero point) per output channel, a float table per LUT)."""
+        if storage == rec.storage:
+            return rec.nbytes
+        width = {"float32": 4, "float16": 2}.get(storage.kind)
+        if width:
+            return rec.count * width
+        channels = rec.shape[rec.axis] if rec.shape and rec.axis is not None else 1
+        codes = -(-rec.count * storage.nbits // 8)
+        return codes + (8 * channels if storage.kind == "linear" else 4 * 2 ** storage.nbits)
+
+    def write_result(self, rec, result, **options) -> None:
+        raise NotImplementedError("ML programs have no weight modes yet")
+
+    def fold(self, m, kinds) -> list:
+        from mlqpipe.errors import ModelError
+
+        raise ModelError(f"{m.source}: ML programs have no layers to fold")
+
+    def edge_layers(self, m) -> dict:
+        return {}
+
+    def precision_problems(self, m, records, after: dict) -> list[Finding]:
+        return []
+
+    def inherit_findings(self, m, original, where: str, warn) -> None:
+        from mlqpipe.formats.mlprogram.check import structure_findings
+
+        found = tuple(structure_findings(original))
+        for f in found:
+            warn(f"{where}: the input already breaks a Core ML rule; compressing it as it is: {f}")
+        m.inherited_findings = found
+
+    # --- inspect and check ------------------------------------------------------------------------------
+
+    def describe(self, m) -> dict:
+        """What `mlqpipe inspect` shows beside the weights: features, functions and their opsets, parameters."""
+        from mlqpipe.formats.mlprogram import proto
+        from mlqpipe.formats.mlprogram.program import functions, walk
+        from mlqpipe.formats.nn.description import feature_rows
+
+        desc = proto.read_description(m.spec)
+        default = desc.defaultFunctionName or "main"
+        rows = []
+        for name, function in functions(m.spec.mlProgram):
+            ops = sum(1 for site in walk(m.spec.mlProgram, m.source) if site.function == name)
+            rows.append({"name": name, "opset": function.opset, "inputs": [i.name for i in function.inputs],
+                         "ops": ops, "default": name == default})
+        try:
+            from mlqpipe.formats.mlprogram.inventory import parameters
+
+            params = [{"name": p.name, "dtype": p.dtype, "shape": list(p.shape) if p.shape is not None else None}
+                      for p in parameters(m)]
+        except ImportError:
+            params = []
+        return {"type": "mlProgram", "specificationVersion": m.spec.specificationVersion, **feature_rows(m.spec),
+                "functions": rows, "parameters": params}
+
+    def check(self, m) -> list[Finding]:
+        from mlqpipe.formats.mlprogram.check import check_program
+
+        return check_program(m)
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+def _is_zip(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+FORMAT = MLProgramFormat()
