@@ -15,6 +15,17 @@ def shown_path(path) -> str:
         return str(path)
 
 
+MODEL_SUFFIXES = (".mlmodel", ".mlpackage")  # what a model path ends with; reports go beside it without it
+
+
+def without_model_suffix(name: str) -> str:
+    """'out/m.q.mlmodel' -> 'out/m.q' (also .mlpackage): the base of a model's report paths."""
+    for suffix in MODEL_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def posix_path(path) -> str:
     """A path as lock files, reports and task names record it: relative, with forward slashes."""
     return Path(shown_path(path)).as_posix()

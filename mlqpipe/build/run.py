@@ -165,7 +165,9 @@ def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
 
 def _default_reports(output: str) -> list[str]:
     """Report files beside an output, for lock entries written before they listed their reports."""
-    base = output[: -len(".mlmodel")] if output.endswith(".mlmodel") else output
+    from mlqpipe.fileio import without_model_suffix
+
+    base = without_model_suffix(output)
     return [f"{base}.report.{ext}" for ext in ("json", "md", "png")]
 
 

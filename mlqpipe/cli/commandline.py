@@ -83,13 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     s = add("schema", help="print the recipe JSON Schema (for editors)")
     s.set_defaults(run=_schema)
 
-    s = add("inspect", help="list every weight blob of a .mlmodel (layer, field, shape, storage)")
-    s.add_argument("model", help="path to a .mlmodel")
+    s = add("inspect", help="list every weight of a .mlmodel or .mlpackage (layer or op, field, shape, storage)")
+    s.add_argument("model", help="path to a .mlmodel file or an .mlpackage directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(run=_inspect)
 
-    s = add("check", help="check .mlmodel files against Core ML's loading rules")
-    s.add_argument("models", nargs="+", metavar="MODEL", help="paths to .mlmodel files")
+    s = add("check", help="check .mlmodel files and .mlpackage directories against Core ML's loading rules")
+    s.add_argument("models", nargs="+", metavar="MODEL", help="paths to .mlmodel files or .mlpackage directories")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(run=_check)
     return p
@@ -205,7 +205,9 @@ def _report(args) -> int:
         recipe = load_recipe(target)
         paths = [recipe.report_paths(job) for job in recipe.models]
     else:
-        stem = target.name[: -len(".mlmodel")] if target.name.endswith(".mlmodel") else target.name
+        from mlqpipe.fileio import without_model_suffix
+
+        stem = without_model_suffix(target.name)
         paths = [(target.with_name(f"{stem}.report.json"), target.with_name(f"{stem}.report.md"), None)]
     texts = []
     for json_path, md_path, _ in paths:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlqpipe.fileio import without_model_suffix
+
 
 @dataclass(frozen=True)
 class Range:
@@ -129,7 +131,7 @@ class Recipe:
             base = self.path.parent / self.report.path.format(stem=job.input.stem, name=job.input.name, recipe=self.path.stem)
         else:
             out = Path(job.output)
-            base = out.with_name(out.name[: -len(".mlmodel")] if out.name.endswith(".mlmodel") else out.name)
+            base = out.with_name(without_model_suffix(out.name))
         return Path(f"{base}.report.json"), Path(f"{base}.report.md"), Path(f"{base}.report.png")
 
     def written_reports(self, job: ModelJob) -> list[Path]:
