@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlqpipe.errors import MlqpipeError, RecipeError
+from mlqpipe.errors import MlqpipeError, ModelError, RecipeError
 from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.engine.modes import ModeSettings, apply_mode, mode_named
 from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for
@@ -16,6 +16,9 @@ def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple
     plan shows)."""
     plan = StagePlan(stage)
     fmt = format_of(model)
+    if ("fold" if stage.mode == "fold" else mode_named(stage.mode).name) not in fmt.modes:
+        note = getattr(fmt, "modes_note", "") or f"choose one of {', '.join(sorted(fmt.modes))}"
+        raise ModelError(f"{fmt.source(model)}: stage '{stage.name}': mode {stage.mode} is not available for {fmt.name} models; {note}")
     if stage.mode == "fold":
         plan.folds = fmt.fold(model, stage.fold)
         return plan

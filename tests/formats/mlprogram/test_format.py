@@ -1,0 +1,127 @@
+"""The ML-program format behind the public API: dispatch, load -> save byte for byte through our own
+decoding and encoding, deterministic outputs, coremltools MLModels, recipes and plans on packages."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import mlqpipe
+from mlqpipe.artifacts import digest, read_tree
+from mlqpipe.cli import main
+from mlqpipe.formats import registry
+from mlqpipe.formats.mlprogram import proto
+from mlqpipe.formats.mlprogram.model import MLProgram
+from tests.conftest import REPO
+
+from .packages import CATALOG, NEEDS_TORCH
+
+NAMES = [n for n in CATALOG if n not in NEEDS_TORCH]
+# coreml-validate's [mil-check] rejects coremltools' while_loop (both blocks name their inputs alike, which
+# MIL.proto allows: block inputs are block-local); our copies of it are rejected the same way
+WHILE_LOOP = pytest.mark.invalid_models("a.mlpackage", "b.mlpackage", reason="coreml-validate's mil-check takes a while_loop's "
+                                        "block-local inputs for redefinitions (coremltools writes them so)")
+
+
+def _marks(name):
+    return [WHILE_LOOP] if name == "control_flow_ios17" else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
+def test_load_save_is_byte_identical_and_our_output_too(mlpackage, tmp_path, name):
+    src = mlpackage(name)
+    before = digest(src)
+    model = mlqpipe.load_model(src)
+    assert isinstance(model, MLProgram)
+    model.save(tmp_path / "a.mlpackage", check=False)
+    assert read_tree(tmp_path / "a.mlpackage") == read_tree(src)  # every file, Manifest.json included
+    mlqpipe.load_model(tmp_path / "a.mlpackage").save(tmp_path / "b.mlpackage", check=False)
+    assert read_tree(tmp_path / "b.mlpackage") == read_tree(src)
+    assert digest(src) == before  # the input is never modified
+
+
+def test_a_changed_model_gets_identifiers_derived_from_its_content(mlpackage, tmp_path):
+    src = mlpackage("mlp_ios18_fp32")
+    model = mlqpipe.load_model(src)
+    model.spec.specificationVersion += 1  # any change to the model message
+    model.save(tmp_path / "a.mlpackage", check=False)
+    model.save(tmp_path / "b.mlpackage", check=False)
+    a, b = read_tree(tmp_path / "a.mlpackage"), read_tree(tmp_path / "b.mlpackage")
+    assert a == b
+    old, new = json.loads(read_tree(src)["Manifest.json"]), json.loads(a["Manifest.json"])
+    assert new["rootModelIdentifier"] != old["rootModelIdentifier"]
+    assert sorted(e["path"] for e in new["itemInfoEntries"].values()) == sorted(e["path"] for e in old["itemInfoEntries"].values())
+    assert a["Data/com.apple.CoreML/weights/weight.bin"] == read_tree(src)["Data/com.apple.CoreML/weights/weight.bin"]
+
+
+def test_outputs_are_the_same_bytes_in_another_process(mlpackage, tmp_path):
+    src = mlpackage("multifunction_ios18")
+    script = ("import sys, mlqpipe; m = mlqpipe.load_model(sys.argv[1]); m.spec.specificationVersion += 0; "
+              "m.spec.mlProgram.docString = 'x'; m.save(sys.argv[2], check=False)")
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / f"{out}.mlpackage")], check=True, cwd=REPO)
+    assert read_tree(tmp_path / "a.mlpackage") == read_tree(tmp_path / "b.mlpackage")
+
+
+def test_dispatch_by_path_and_content(mlpackage, tmp_path):
+    assert registry.format_for(mlpackage("mlp_ios16_fp32")).name == "mlprogram"
+    assert registry.format_for(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel").name == "neuralnetwork"
+    zipped = tmp_path / "m.mlpackage.zip"
+    shutil.make_archive(str(zipped)[:-4], "zip", mlpackage("mlp_ios16_fp32"))
+    assert registry.format_for(zipped).name == "mlprogram"
+    with pytest.raises(mlqpipe.ModelError, match="unzip"):
+        mlqpipe.load_model(zipped)
+
+
+@pytest.mark.invalid_models("x.mlmodel", reason="an ML program's model.mlmodel without its package: its weights are missing")
+def test_a_bare_program_model_file_points_to_its_package(mlpackage, tmp_path):
+    shutil.copy(mlpackage("mlp_ios16_fp32") / "Data" / "com.apple.CoreML" / "model.mlmodel", tmp_path / "x.mlmodel")
+    with pytest.raises(mlqpipe.ModelError, match=r"x\.mlmodel: is an ML program's model.mlmodel on its own; load its "
+                                                 r"\.mlpackage directory"):
+        mlqpipe.load_model(tmp_path / "x.mlmodel")
+
+
+def test_a_coremltools_mlmodel_is_read_from_its_package_without_importing_coremltools(mlpackage):
+    ct = pytest.importorskip("coremltools")
+    src = mlpackage("mlp_ios18_fp32")
+    loaded = mlqpipe.load_model(ct.models.MLModel(str(src), skip_model_load=True))
+    assert isinstance(loaded, MLProgram)
+    assert loaded.spec.SerializeToString() == (src / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes()
+    assert "coremltools" not in " ".join(m for m in sys.modules if m.startswith("mlqpipe"))  # sanity: our names only
+
+
+def test_quantize_weights_points_ml_programs_to_the_optimize_api(mlpackage):
+    with pytest.raises(mlqpipe.ModelError, match="this is an ML program .* mlqpipe.optimize"):
+        mlqpipe.quantize_weights(str(mlpackage("mlp_ios16_fp32")), 8)
+
+
+RECIPE = """\
+version: 1
+models:
+  - {input: m.mlpackage, output: 'out/{stem}.q.mlpackage'}
+rules:
+  big: {count: {min: 1000}}
+stages:
+  - {name: big, mode: linear, nbits: 8, rules: [big]}
+"""
+
+
+def test_plan_shows_what_a_stage_would_select_and_says_compression_is_not_there_yet(mlpackage, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlqpipe.formats.mlprogram.inventory")
+    shutil.copytree(mlpackage("mlp_ios16_fp32"), tmp_path / "m.mlpackage")
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    monkeypatch.chdir(tmp_path)
+    from mlqpipe.engine.plan import plan_recipe
+    from mlqpipe.recipe import load_recipe
+
+    (plan,), problems = plan_recipe(load_recipe("r.yaml"))
+    chosen = {d.id for d in plan.stages[0].decisions if d.action == "quantize"}
+    records = mlqpipe.inventory(tmp_path / "m.mlpackage")
+    assert chosen == {r.id for r in records if r.count >= 1000} and chosen
+    assert [str(p) for p in problems] == [
+        "r.yaml:7:23: stages[0].mode: m.mlpackage: stage 'big': mode linear is not available for mlprogram models "
+        "(hint: compressing ML programs is not supported yet (inspect, check, validate and plan are))"]
+    assert main(["validate", "r.yaml"]) == 2
+    assert not (tmp_path / "out").exists()
