@@ -16,9 +16,9 @@ from mlqpipe.formats.mlprogram import proto
 from mlqpipe.formats.mlprogram.model import MLProgram
 from tests.conftest import REPO
 
-from .packages import CATALOG, NEEDS_TORCH
+from .packages import CATALOG
 
-NAMES = [n for n in CATALOG if n not in NEEDS_TORCH]
+NAMES = list(CATALOG)  # torch_cnn skips where torch is absent
 # coreml-validate's [mil-check] rejects coremltools' while_loop (both blocks name their inputs alike, which
 # MIL.proto allows: block inputs are block-local); our copies of it are rejected the same way
 WHILE_LOOP = pytest.mark.invalid_models("a.mlpackage", "b.mlpackage", reason="coreml-validate's mil-check takes a while_loop's "
