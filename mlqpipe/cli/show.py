@@ -16,20 +16,22 @@ def _shape(shape) -> str:
 
 
 def inventory_rows(records: list[WeightRecord]) -> list[dict]:
-    return [
-        {
-            "id": r.id,
-            "layer": r.layer,
-            "type": r.layer_type,
-            "field": r.field_path,
-            "shape": list(r.shape) if r.shape else None,
-            "count": r.count,
-            "storage": r.storage.describe(),
-            "bytes": r.nbytes,
-            "updatable": r.updatable,
-        }
-        for r in records
-    ]
+    return [{**_row(r), **_program_row(r)} for r in records]
+
+
+def _row(r: WeightRecord) -> dict:
+    return {"id": r.id, "layer": r.layer, "type": r.layer_type, "field": r.field_path,
+            "shape": list(r.shape) if r.shape else None, "count": r.count, "storage": r.storage.describe(),
+            "bytes": r.nbytes, "updatable": r.updatable}
+
+
+def _program_row(r) -> dict:
+    """What ML-program records add: their readers, functions and channel axes."""
+    if not hasattr(r, "consumers"):
+        return {}
+    return {"consumers": [{"op": c.op, "op_type": c.op_type, "parameter": c.parameter} for c in r.consumers],
+            "functions": list(r.functions), "axis": r.axis, "input_axis": r.input_axis, "dtype": r.dtype,
+            "feeds_only_outputs": r.feeds_only_outputs}
 
 
 def print_inventory(path: str, as_json: bool = False) -> int:
@@ -53,8 +55,11 @@ def print_inventory(path: str, as_json: bool = False) -> int:
     for row in rows:
         row["shape"] = _shape(row["shape"])
         row["updatable"] = "updatable" if row["updatable"] else ""
+        if "consumers" in row:
+            row["used by"] = ", ".join(f"{c['op']}.{c['parameter']}" for c in row["consumers"]) or "(block outputs)"
+    used = [("used by", "used by")] if any("used by" in r for r in rows) else []
     print(table(rows, [("id", "weight"), ("type", "type"), ("shape", "shape"), ("storage", "storage"),
-                       ("bytes", "bytes"), ("updatable", "")]))
+                       ("bytes", "bytes"), *used, ("updatable", "")]))
     params = info.get("parameters") or []
     if params:
         print(f"{len(params)} parameter{'s' if len(params) != 1 else ''} (small consts: shapes, axes, strides; never "

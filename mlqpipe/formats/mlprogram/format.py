@@ -133,8 +133,12 @@ class MLProgramFormat:
 
         desc = proto.read_description(m.spec)
         default = desc.defaultFunctionName or "main"
+        features = feature_rows(m.spec)
+        for f in desc.functions:  # a multifunction model describes each function; show the default one's
+            if f.name == default and not (features["inputs"] or features["outputs"]):
+                features = _function_features(f)
         rows = []
-        for name, function in functions(m.spec.mlProgram):
+        for name, function in sorted(functions(m.spec.mlProgram), key=lambda nf: (nf[0] != default, nf[0])):
             ops = sum(1 for site in walk(m.spec.mlProgram, m.source) if site.function == name)
             rows.append({"name": name, "opset": function.opset, "inputs": [i.name for i in function.inputs],
                          "ops": ops, "default": name == default})
@@ -145,7 +149,7 @@ class MLProgramFormat:
                       for p in parameters(m)]
         except ImportError:
             params = []
-        return {"type": "mlProgram", "specificationVersion": m.spec.specificationVersion, **feature_rows(m.spec),
+        return {"type": "mlProgram", "specificationVersion": m.spec.specificationVersion, **features,
                 "functions": rows, "parameters": params}
 
     def check(self, m) -> list[Finding]:
@@ -155,6 +159,18 @@ class MLProgramFormat:
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
+
+
+def _function_features(f) -> dict:
+    """The feature rows (as nn.description.feature_rows makes them) of one FunctionDescription."""
+    from mlqpipe.formats.nn.description import ModelDescription, feature_rows
+    from mlqpipe.formats.nn.proto import Model
+
+    desc = ModelDescription()
+    for target, features in ((desc.input, f.input), (desc.output, f.output)):
+        for feature in features:
+            target.add().MergeFromString(feature.SerializeToString())  # the same FeatureDescription message
+    return feature_rows(Model(description=desc.SerializeToString()))
 
 
 def _is_zip(p: Path) -> bool:

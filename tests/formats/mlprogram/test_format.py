@@ -125,3 +125,36 @@ def test_plan_shows_what_a_stage_would_select_and_says_compression_is_not_there_
         "(hint: compressing ML programs is not supported yet (inspect, check, validate and plan are))"]
     assert main(["validate", "r.yaml"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_weights_consumers_functions_and_parameters(mlpackage, capsys):
+    src = mlpackage("multifunction_ios18")
+    assert main(["inspect", str(src), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["format"], doc["type"], doc["specificationVersion"]) == ("mlprogram", "mlProgram", 9)
+    assert [(f["name"], f["opset"], f["default"]) for f in doc["functions"]] == [("main_a", "CoreML8", True), ("main_b", "CoreML8", False)]
+    assert [w["id"] for w in doc["weights"]] == ["fc1_weight_0", "fc1_bias_0", "fc2_weight_0", "main_b/fc2_weight_0"]
+    shared = doc["weights"][0]
+    assert shared["functions"] == ["main_a", "main_b"] and shared["consumers"][0] == {"op": "fc1", "op_type": "linear", "parameter": "weight"}
+    assert [p["name"] for p in doc["parameters"]] == ["fc2_bias_0", "fc2_bias_0"]
+    assert [f["name"] for f in doc["inputs"]] == ["x"]
+    assert main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "function main_a (default): opset CoreML8" in text and "fc1.weight" in text
+
+
+@pytest.mark.parametrize("name", ["mlp_ios15_fp32", "ios16_lut", "ios18_joint_sparse_lut", pytest.param(
+    "multifunction_ios18", marks=pytest.mark.invalid_models("broken.mlpackage", reason="several functions need "
+                                                            "specificationVersion 9: Core ML's validator agrees"))])
+def test_check_passes_catalog_packages_and_fails_broken_ones(mlpackage, tmp_path, capsys, name):
+    assert main(["check", str(mlpackage(name))]) == 0
+    assert "OK (0 errors" in capsys.readouterr().out
+    broken = tmp_path / "broken.mlpackage"
+    shutil.copytree(mlpackage(name), broken)
+    spec_file = broken / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    spec = proto.Model.FromString(spec_file.read_bytes())
+    spec.specificationVersion = 5  # below every ML-program opset's minimum
+    spec_file.write_bytes(spec.SerializeToString())
+    assert main(["check", str(broken)]) == 1
+    assert "[spec-version]" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "nope.mlpackage")]) == 2
