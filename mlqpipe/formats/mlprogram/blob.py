@@ -227,6 +227,7 @@ class BlobFile:
     def blob(self, offset: int) -> BlobInfo:
         """The checked metadata record at `offset`: aligned, inside the file, sentinel, known dtype, data
         inside the file, consistent size and padding."""
+        self._check_not_shrunk()
         if offset < HEADER_SIZE or offset + METADATA_SIZE > self.size:
             raise self._refuse(
                 f"the offset is outside the blob records of this {self.size}-byte file",
@@ -262,6 +263,17 @@ class BlobFile:
         if problem:
             raise self._refuse(f"{d.name} data: {problem}", _CORRUPT, offset)
         return BlobInfo(offset, code, d.name, size, data_offset, padding)
+
+    def _check_not_shrunk(self) -> None:
+        """Reading a mapped page past the end of a file that shrank kills the process (SIGBUS): refuse first
+        (a file truncated by another program while this one reads it)."""
+        try:
+            now = os.fstat(self._file.fileno()).st_size
+        except (AttributeError, OSError, ValueError):  # closed
+            raise self._refuse("the file was closed", "reload the model") from None
+        if now < self.size:
+            raise self._refuse(f"the file shrank from {self.size} to {now} bytes while it was open (another program "
+                               "changed it)", "restore the file and load the model again")
 
     def offsets(self) -> list[int]:
         """Every record's offset, walking the file as Core ML does: the first right after the header, each
@@ -304,6 +316,16 @@ class BlobFile:
         """The blob's values, checked against what the model declares (`dtype_code`; `count` elements, or
         None to skip that check): a read-only view into the mapping for byte-sized types, decoded codes
         (uint8; int8 for int4) for sub-byte ones."""
+        info = self.checked(offset, dtype_code, count)
+        d = info.dtype
+        if not d.sub_byte:
+            return np.frombuffer(self._map, dtype=d.numpy, count=info.count, offset=info.data_offset)
+        codes = unpack_lsb_first(self.span(info.data_offset, info.size_in_bytes), d.nbits, info.count)
+        return codes_to_int4(codes) if d.name == "int4" else codes
+
+    def checked(self, offset: int, dtype_code: int, count: int | None) -> BlobInfo:
+        """The blob's record, checked against what the model declares (`dtype_code`; `count` elements, or
+        None to skip that check), without touching its data: what a load-time pass over every value reads."""
         info = self.blob(offset)
         if info.dtype_code != dtype_code:
             raise self._refuse(
@@ -316,11 +338,7 @@ class BlobFile:
             raise self._refuse(
                 f"the blob holds {info.count} {info.dtype_name} values, the model declares {count}", _DISAGREE, offset
             )
-        d = info.dtype
-        if not d.sub_byte:
-            return np.frombuffer(self._map, dtype=d.numpy, count=info.count, offset=info.data_offset)
-        codes = unpack_lsb_first(self.span(info.data_offset, info.size_in_bytes), d.nbits, info.count)
-        return codes_to_int4(codes) if d.name == "int4" else codes
+        return info
 
     @contextmanager
     def loaded(self, offset: int, dtype_code: int, count: int | None) -> Iterator[np.ndarray]:

@@ -51,6 +51,9 @@ class MLProgram:
         """The weight file a `blobFileValue.fileName` names, opened once (memory-mapped)."""
         path = resolve_blob_file(self.layout, file_name)
         found = self._blobs.get(path)
+        if found is not None and _changed(found, path):  # replaced or resized since opened: map it anew
+            found.close()
+            found = None
         if found is None:
             rel = path.relative_to(self.layout.root).as_posix()
             found = self._blobs[path] = BlobFile(path, f"{self.source}: {rel}")
@@ -60,15 +63,8 @@ class MLProgram:
         """The numbers of a tensor Value (immediate or in a weight file) in its declared dtype and shape;
         a weight-file value is a read-only view into the mapping (sub-byte dtypes: decoded codes)."""
         if value.HasField("blobFileValue"):
-            tt = tensor_type(value.type)
-            if tt is None:
-                raise ModelError(f"{where}: a weight-file value without a tensor type; the model is damaged")
-            dtype, shape = tt
-            code = blob_dtype_code(dtype)
-            if code is None:
-                raise ModelError(f"{where}: dtype {proto.DATA_TYPE_NAMES.get(dtype, dtype)} cannot be stored in a weight file")
+            code, shape, count = _blob_request(value, where)
             ref = value.blobFileValue
-            count = prod(shape) if shape is not None else None
             try:
                 array = self.blob_file(ref.fileName).array(ref.offset, code, count)
             except ModelError as e:
@@ -156,14 +152,67 @@ class MLProgram:
 def blob_values(spec):
     """Every Value of the program stored in a weight file, with the op holding it, in walk order: const
     `val`s and constexpr parameters (attributes before iOS18, input bindings from iOS18)."""
-    for site in walk(spec.mlProgram, "<model>"):
+    for site, _, value in _blob_sites(spec, "<model>"):
+        yield site, value
+
+
+def _blob_sites(spec, where: str):
+    """(op site, parameter name, Value) of every weight-file value, in walk order."""
+    for site in walk(spec.mlProgram, where):
         for entry in site.op.attributes:
             if entry.value.HasField("blobFileValue"):
-                yield site, entry.value
+                yield site, entry.key, entry.value
         for entry in site.op.inputs:
             for binding in entry.value.arguments:
                 if binding.HasField("value") and binding.value.HasField("blobFileValue"):
-                    yield site, binding.value
+                    yield site, entry.key, binding.value
+
+
+def _blob_request(value, where: str) -> tuple[int, tuple[int, ...] | None, int | None]:
+    """(blob dtype code, shape, element count) a weight-file Value declares; shape and count are None when
+    a dimension is unknown."""
+    tt = tensor_type(value.type)
+    if tt is None:
+        raise ModelError(f"{where}: a weight-file value without a tensor type; the model is damaged")
+    dtype, shape = tt
+    code = blob_dtype_code(dtype)
+    if code is None:
+        raise ModelError(f"{where}: dtype {proto.DATA_TYPE_NAMES.get(dtype, dtype)} cannot be stored in a weight file")
+    return code, shape, prod(shape) if shape is not None else None
+
+
+def check_blob_references(model: MLProgram) -> None:
+    """Every weight-file value resolves to a weight file inside the weights folder, whose record at its
+    offset is sound (sentinel, known dtype, data inside the file) and holds the declared dtype and element
+    count. Run at load, so a missing, truncated or corrupt weight file is one error naming the op that
+    needs it, not a failure deep inside a later read or save. Reads one 64-byte record per blob, no data."""
+    layout = model.layout
+    prefix = f"{os.fspath(layout.root)}: "
+    opened: dict[str, BlobFile] = {}  # by fileName: resolving a name (links followed) costs more than a record
+    try:
+        for site, key, value in _blob_sites(model.spec, model.source):
+            what = _value_site(model.source, site, key)
+            code, _, count = _blob_request(value, what)
+            ref = value.blobFileValue
+            try:
+                blobs = opened.get(ref.fileName)
+                if blobs is None:
+                    path = resolve_blob_file(layout, ref.fileName)
+                    blobs = opened[ref.fileName] = BlobFile(path, path.relative_to(layout.root).as_posix())
+                blobs.checked(ref.offset, code, count)
+            except ModelError as e:
+                text = str(e)
+                raise ModelError(f"{what}: {text[len(prefix):] if text.startswith(prefix) else text}") from None
+    finally:
+        for blobs in opened.values():
+            blobs.close()
+
+
+def _value_site(source: str, site, key: str) -> str:
+    """How messages name a weight-file value: the package, the op, its type and block, the parameter
+    (left out for a const's `val`)."""
+    parameter = "" if (site.op.type, key) == ("const", "val") else f" parameter {key!r}"
+    return f"{source}: op {site.name!r} ({site.op.type} in {site.block}){parameter}"
 
 
 def _rewrite_blobs(model: MLProgram, spec, root: Path) -> None:
@@ -202,6 +251,15 @@ def _derived_manifest(layout: PackageLayout, model_bytes: bytes) -> bytes:
     return dump_manifest(manifest)
 
 
+def _changed(blobs: BlobFile, path: Path) -> bool:
+    """Whether the file at `path` is no longer what `blobs` mapped (another file, or another size)."""
+    try:
+        now, opened = os.stat(path), os.fstat(blobs.fileno())
+    except (OSError, AttributeError, ValueError):
+        return True
+    return (now.st_dev, now.st_ino, now.st_size) != (opened.st_dev, opened.st_ino, blobs.size)
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
@@ -238,6 +296,10 @@ def parse_program(data: bytes, layout: PackageLayout, where: str) -> MLProgram:
         spec = proto.Model.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ModelError(f"{where}: {rel} is not a valid Core ML model (protobuf parse failed: {e}); is it corrupt?") from None
+    bad_text = _invalid_utf8(spec)
+    if bad_text is not None:
+        raise ModelError(f"{where}: {rel}: {bad_text} is not valid UTF-8 text; Core ML cannot read the model (is it "
+                         "corrupt? re-export the model)")
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         what = "no model type" if kind is None else f"a {kind} model"
@@ -248,7 +310,41 @@ def parse_program(data: bytes, layout: PackageLayout, where: str) -> MLProgram:
         raise ModelError(f"{where}: {rel} holds {what}, not an ML program{hint}")
     model = MLProgram(spec, layout, where, data)
     list(walk(spec.mlProgram, where))  # every function has its active block (or a located error now)
+    check_blob_references(model)
     return model
+
+
+def _invalid_utf8(message) -> str | None:
+    """The first string field (as "Message.field") holding bytes that are not UTF-8, or None. Our messages
+    are proto2, whose parser hands such a string over as bytes; Core ML's proto3 parser refuses the model.
+    Messages that cannot hold a string (dimensions, packed numbers) are not entered."""
+    pending = [message]
+    while pending:
+        m = pending.pop()
+        for field, value in m.ListFields():
+            if field.type == field.TYPE_STRING:
+                if any(isinstance(v, bytes) for v in (value if field.is_repeated else (value,))):
+                    return f"{field.containing_type.name}.{field.name}"
+            elif field.type == field.TYPE_MESSAGE and _holds_text(field.message_type):
+                if field.is_repeated:
+                    pending.extend(value)
+                else:
+                    pending.append(value)
+    return None
+
+
+_HOLDS_TEXT: dict = {}
+
+
+def _holds_text(descriptor) -> bool:
+    """Whether a message type can hold a string field, directly or in a nested message."""
+    found = _HOLDS_TEXT.get(descriptor)
+    if found is None:
+        _HOLDS_TEXT[descriptor] = True  # while a recursive type is being answered: enter it (never miss text)
+        found = any(f.type == f.TYPE_STRING or (f.type == f.TYPE_MESSAGE and _holds_text(f.message_type))
+                    for f in descriptor.fields)
+        _HOLDS_TEXT[descriptor] = found
+    return found
 
 
 def from_tree(files: dict, where: str) -> MLProgram:

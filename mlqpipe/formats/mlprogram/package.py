@@ -16,6 +16,7 @@ instead of random, so the same model gives the same package bytes in any process
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -130,6 +131,9 @@ def read_layout(path) -> PackageLayout:
 
 def _check_is_package_dir(root: Path, where: str) -> None:
     if not os.path.exists(root):
+        if _is_link_loop(root):
+            raise ModelError(f"{where}: a symbolic link loop, not a model package; point the link at the .mlpackage "
+                             "directory")
         raise ModelError(f"{where}: no such model package (check the path; an ML program is a .mlpackage directory)")
     if not root.is_dir():
         if root.suffix.lower() == ".zip" or _starts_with(root, _ZIP_MAGIC):
@@ -284,6 +288,14 @@ def _item(root: Path, where: str, ident: str, entry: dict) -> PackageItem:
         raise ModelError(f"{where}: item {ident!r} ({_text(entry['name'])}): Data/{_text(rel)} does not exist; "
                          f"{_INCOMPLETE}")
     return PackageItem(ident, entry["author"], entry["description"], entry["name"], rel, location)
+
+
+def _is_link_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def _relative_parts(rel: str, prefix: str) -> list[str]:

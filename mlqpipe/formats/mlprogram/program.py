@@ -110,9 +110,12 @@ def immediate_array(value, where: str) -> np.ndarray | None:
     tensor = value.immediateValue.tensor
     kind = tensor.WhichOneof("value")
     count = prod(shape) if shape is not None else None
-    if dtype not in DTYPES:
+    if (dtype == proto.STRING) != (kind == "strings") and kind is not None:
+        raise ModelError(f"{where}: an immediate value of dtype {proto.DATA_TYPE_NAMES.get(dtype, dtype)} holds "
+                         f"{kind}; the model is damaged")
+    if dtype not in DTYPES and dtype != proto.STRING:
         raise ModelError(f"{where}: immediate value of unknown dtype {dtype}; the model is damaged")
-    np_type, bits = DTYPES[dtype]
+    np_type, bits = DTYPES.get(dtype, (object, 0))
     if kind == "bytes":
         raw = tensor.bytes.values
         if bits < 8:
