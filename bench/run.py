@@ -1,10 +1,12 @@
 """mlqpipe benchmarks: side by side with coremltools 9.0 and with the I/O floor, in one run.
 
-    python bench/run.py [--quick] [--json bench/results.json] [--markdown bench/RESULTS.md]
+    python bench/run.py [--quick] [--only nn|mlprogram] [--skip-2gb] [--json bench/results.json] [--markdown bench/RESULTS.md]
 
 Models are generated here, deterministically (no downloads): a small CNN, a 4096x1024 innerProduct, a
 ~50 MB multi-layer model, an LSTM model, and 50 small models with one recipe each. Every timing is the
-median of several runs. Prints PASS/FAIL per target and exits 1 if any target fails.
+median of several runs. The ML-program section (bench/mlprogram.py: ~4M-, ~50M- and ~500M-weight
+.mlpackages, built once with coremltools and cached) times open + inventory + save against its I/O floor.
+Prints PASS/FAIL per target and exits 1 if any target fails.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import mlprogram  # noqa: E402  (bench/mlprogram.py)
 import mlqpipe  # noqa: E402
 from build_timing import RECIPE, describe, make_model as small_model  # noqa: E402
 from mlqpipe.formats.nn import proto  # noqa: E402
@@ -260,12 +263,26 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--only", choices=("nn", "mlprogram"), help="run one section only")
+    ap.add_argument("--skip-2gb", action="store_true", help="ML programs: leave out the ~500M-weight (2 GB) package")
     args = ap.parse_args()
-    rep = 1 if args.quick else 3
-    ct_mods = _coremltools()
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}",
-                     "modes": [], "targets": []}
+                     "targets": []}
     t_start = time.perf_counter()
+    if args.only != "mlprogram":
+        nn_bench(results, 1 if args.quick else 3)
+    if args.only != "nn":
+        results["mlprogram"] = mlprogram.bench(skip_2gb=args.skip_2gb, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+    results["seconds"] = time.perf_counter() - t_start
+    results["targets"] = (targets(results) if "modes" in results else []) + (mlprogram.targets(results["mlprogram"]) if "mlprogram" in results else [])
+    report(results, args)
+    return 0 if all(t["pass"] for t in results["targets"]) else 1
+
+
+def nn_bench(results: dict, rep: int) -> None:
+    """The neural-network (.mlmodel) section: fills `results` in place."""
+    ct_mods = _coremltools()
+    results["modes"] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ip = tmp / "ip4096x1024.mlmodel"
@@ -333,10 +350,6 @@ def main() -> int:
         results["kmeans_e2e"] = kmeans_end_to_end(ip, tmp / "km_e2e.mlmodel", rep)
         results["build"] = build_bench(tmp / "build", rep)
         results["evaluator"] = evaluator_bench(tmp, rep)
-    results["seconds"] = time.perf_counter() - t_start
-    results["targets"] = targets(results)
-    report(results, args)
-    return 0 if all(t["pass"] for t in results["targets"]) else 1
 
 
 def kmeans_end_to_end(src: Path, dst: Path, rep: int) -> dict:
@@ -430,8 +443,22 @@ def _f(x, digits=3):
 
 
 def report(r: dict, args) -> None:
-    lines = ["# mlqpipe benchmarks", "", f"Machine: {r['machine']}. Whole run: {r['seconds']:.0f} s. Medians of repeated runs.", "",
-             "## Per mode, 4096×1024 innerProduct, load → quantize → write", "",
+    lines = ["# mlqpipe benchmarks", "", f"Machine: {r['machine']}. Whole run: {r['seconds']:.0f} s. Medians of repeated runs.", ""]
+    if "modes" in r:
+        lines += nn_lines(r)
+    if "mlprogram" in r:
+        lines += mlprogram.report_lines(r["mlprogram"])
+    lines += ["## Targets", "", "| target | value | goal | result |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        lines.append(f"| {t['target']} | {_f(t['value'])} | {t['goal']} | {'PASS' if t['pass'] else 'FAIL'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.markdown).write_text(text)
+    Path(args.json).write_text(json.dumps(r, indent=2, sort_keys=True) + "\n")
+
+
+def nn_lines(r: dict) -> list[str]:
+    lines = ["## Per mode, 4096×1024 innerProduct, load → quantize → write", "",
              "| mode | mlqpipe s | coremltools 9.0 s | speed-up |", "|---|---|---|---|"]
     for x in r["modes"]:
         lines.append(f"| {x['mode']} | {_f(x['mlqpipe_s'])} | {_f(x['coremltools_s']) if x['coremltools_s'] else x['note']} | {_f(x['speedup'], 1) + '×' if x['speedup'] else '-'} |")
@@ -459,13 +486,7 @@ def report(r: dict, args) -> None:
               f"(interpreter + imports {ev['baseline_rss_mb']:.0f} MB).", ""]
     for x in r.get("other", []):
         lines.append(f"Other: {x['model']} ({x['bytes'] / 1e6:.1f} MB) linear 4-bit end to end {x['linear4_s']:.3f} s")
-    lines += ["", "## Targets", "", "| target | value | goal | result |", "|---|---|---|---|"]
-    for t in r["targets"]:
-        lines.append(f"| {t['target']} | {_f(t['value'])} | {t['goal']} | {'PASS' if t['pass'] else 'FAIL'} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.markdown).write_text(text)
-    Path(args.json).write_text(json.dumps(r, indent=2, sort_keys=True) + "\n")
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -521,6 +521,9 @@ def _finite(p: _Program):
         if values is None:
             continue
         bad = _non_finite(np.asarray(values))
+        del values
+        if value.HasField("blobFileValue"):  # drop the pages just read: a check of a 2 GB package stays small
+            p.model.blob_file(value.blobFileValue.fileName).release(value.blobFileValue.offset)
         if not bad:
             continue
         if constexpr:
