@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mlqpipe.formats.nn import proto
-from mlqpipe.formats.nn.description import describe
+from mlqpipe.formats.description import describe
 
 N = 50
 RECIPE = """version: 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlqpipe.formats.nn import proto
-from mlqpipe.formats.nn.description import describe  # noqa: F401  (tests import it from here)
+from mlqpipe.formats.description import describe  # noqa: F401  (tests import it from here)
 
 _rng = np.random.default_rng(1234)
 

@@ -28,7 +28,7 @@ ALLOWED = {
 
 # inside the neural-network format, one way: messages -> structure -> weights/inventory -> check/version
 # -> I/O and checked save -> fold
-NN_ORDER = ["proto", "layers", "description", "structure", "packing", "weights", "writers", "inventory", "version", "check",
+NN_ORDER = ["proto", "layers", "structure", "packing", "weights", "writers", "inventory", "version", "check",
             "model", "fold", "format"]
 
 

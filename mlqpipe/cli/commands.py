@@ -69,13 +69,23 @@ def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
 
 
 def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool = False) -> int:
+    """The plan of one recipe. With problems, the plan is still shown when every model could be simulated
+    (what the rules select helps fix them, e.g. a mode a model's format cannot store yet), then the
+    problems are raised (exit 2)."""
     recipes, plans, problems = load_all([path], allow_outside_root=allow_outside_root)
+    model_plans = plans.get(recipes[0].path) if recipes else None
+    if problems and not (model_plans and all(mp.loaded for mp in model_plans)):
+        raise_problems(problems)
+    _show_plan(path, model_plans, as_json, verbose)
     raise_problems(problems)
-    model_plans = plans[recipes[0].path]
+    return 0
+
+
+def _show_plan(path, model_plans: list[ModelPlan], as_json: bool, verbose: int) -> None:
     if as_json:
         json.dump({"recipe": _rel(path), "models": plan_json(model_plans)}, sys.stdout, indent=2)
         print()
-        return 0
+        return
     for mp in model_plans:
         ratio = mp.bytes_before / mp.bytes_after if mp.bytes_after else float("inf")
         print(f"{_rel(mp.job.input)} -> {_rel(mp.job.output)}: weights {_fmt_bytes(mp.bytes_before)} -> {_fmt_bytes(mp.bytes_after)} ({ratio:.2f}x)")
@@ -99,7 +109,6 @@ def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool
             hidden = sum(1 for d in sp.decisions if d.action == "keep" and d.rule is None)
             if hidden and not verbose:
                 print(f"    ({hidden} weights no rule of this stage matches; -v lists them)")
-    return 0
 
 
 def _what(d) -> str:

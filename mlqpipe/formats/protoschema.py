@@ -71,3 +71,58 @@ def build_messages(schema: str, package: str) -> dict:
     pool.Add(_file_descriptor(schema, package))
     file_desc = pool.FindFileByName(f"{package}.proto")
     return {name: message_factory.GetMessageClass(d) for name, d in file_desc.message_types_by_name.items()}
+
+
+# Core ML's Model message: its header fields and every model type of its `Type` oneof, by field number.
+# Each format declares the types it looks inside (`model_message(pipeline="Pipeline", ...)`); the others stay
+# opaque bytes, which keeps them byte for byte on a round trip.
+_MODEL_TYPES = """
+200 pipelineClassifier
+201 pipelineRegressor
+202 pipeline
+300 glmRegressor
+301 supportVectorRegressor
+302 treeEnsembleRegressor
+303 neuralNetworkRegressor
+304 bayesianProbitRegressor
+400 glmClassifier
+401 supportVectorClassifier
+402 treeEnsembleClassifier
+403 neuralNetworkClassifier
+404 kNearestNeighborsClassifier
+500 neuralNetwork
+501 itemSimilarityRecommender
+502 mlProgram
+555 customModel
+556 linkedModel
+560 classConfidenceThresholding
+600 oneHotEncoder
+601 imputer
+602 featureVectorizer
+603 dictVectorizer
+604 scaler
+606 categoricalMapping
+607 normalizer
+609 arrayFeatureExtractor
+610 nonMaximumSuppression
+900 identity
+2000 textClassifier
+2001 wordTagger
+2002 visionFeaturePrint
+2003 soundAnalysisPreprocessing
+2004 gazetteer
+2005 wordEmbedding
+2006 audioFeaturePrint
+3000 serializedModel
+"""
+
+
+def model_message(**typed: str) -> str:
+    """The schema text of `message Model`: every field declared, `typed` model types as messages."""
+    entries = [line.split() for line in _MODEL_TYPES.strip().splitlines()]
+    unknown = set(typed) - {name for _, name in entries}
+    if unknown:
+        raise ValueError(f"not model types of Core ML's Model: {sorted(unknown)}")
+    oneof = "\n".join(f"    {number} {name} {typed.get(name, 'bytes')}" for number, name in entries)
+    return ("message Model\n  1 specificationVersion int32\n  2 description bytes\n  10 isUpdatable bool\n"
+            f"  oneof Type\n{oneof}\n")

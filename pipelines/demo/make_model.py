@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mlqpipe.formats.nn import proto
-from mlqpipe.formats.nn.description import DOUBLE, ModelDescription
+from mlqpipe.formats.description import DOUBLE, ModelDescription
 
 HERE = Path(__file__).resolve().parent
 _VECTOR = proto.build_messages("message Int64Vector\n  1 vector int64 repeated\n", "mlqpipe.demo")["Int64Vector"]

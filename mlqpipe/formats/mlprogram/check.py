@@ -500,6 +500,10 @@ def _raw(p: _Program, value):
 
 
 def _non_finite(values: np.ndarray) -> int:
+    # one reduction first: a sum is finite only if every value is (NaN and Inf propagate; an overflow
+    # just means counting exactly), and it allocates nothing — the common, clean case costs one pass
+    if values.size and np.isfinite(np.add.reduce(values.ravel(), dtype=np.float32)):
+        return 0
     if values.dtype == np.float16:  # exponent bits: numpy's float16 isfinite is emulated and slow
         exponent = values.view(np.uint16) & np.uint16(0x7C00)
         return int(np.count_nonzero(exponent == 0x7C00))

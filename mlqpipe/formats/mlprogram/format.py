@@ -129,7 +129,7 @@ class MLProgramFormat:
         """What `mlqpipe inspect` shows beside the weights: features, functions and their opsets, parameters."""
         from mlqpipe.formats.mlprogram import proto
         from mlqpipe.formats.mlprogram.program import functions, walk
-        from mlqpipe.formats.nn.description import feature_rows
+        from mlqpipe.formats.description import feature_rows
 
         desc = proto.read_description(m.spec)
         default = desc.defaultFunctionName or "main"
@@ -162,15 +162,10 @@ class MLProgramFormat:
 
 
 def _function_features(f) -> dict:
-    """The feature rows (as nn.description.feature_rows makes them) of one FunctionDescription."""
-    from mlqpipe.formats.nn.description import ModelDescription, feature_rows
-    from mlqpipe.formats.nn.proto import Model
+    """The feature rows of one FunctionDescription (as description.feature_rows makes them)."""
+    from mlqpipe.formats.description import ModelDescription, feature_rows
 
-    desc = ModelDescription()
-    for target, features in ((desc.input, f.input), (desc.output, f.output)):
-        for feature in features:
-            target.add().MergeFromString(feature.SerializeToString())  # the same FeatureDescription message
-    return feature_rows(Model(description=desc.SerializeToString()))
+    return feature_rows(ModelDescription(input=f.input, output=f.output))
 
 
 def _is_zip(p: Path) -> bool:

@@ -20,127 +20,17 @@ Nested Core ML messages are flattened as `Outer_Inner` (Argument.Binding -> `Arg
 
 from __future__ import annotations
 
-from mlqpipe.formats.protoschema import build_messages
+from mlqpipe.formats import description
+from mlqpipe.formats.protoschema import build_messages, model_message
+
+# Core ML's ModelDescription messages (formats/description.py) that MIL's path uses
+_DESCRIPTION_MESSAGES = ("ModelDescription", "FunctionDescription", "Metadata", "Metadata_UserDefinedEntry",
+                         "FeatureDescription", "FeatureType", "ArrayFeatureType", "ImageFeatureType",
+                         "StateFeatureType")
 
 _PACKAGE = "mlqpipe.formats.mlprogram"
 
-_MODEL = """
-message Model
-  1 specificationVersion int32
-  2 description bytes
-  10 isUpdatable bool
-  oneof Type
-    200 pipelineClassifier bytes
-    201 pipelineRegressor bytes
-    202 pipeline bytes
-    300 glmRegressor bytes
-    301 supportVectorRegressor bytes
-    302 treeEnsembleRegressor bytes
-    303 neuralNetworkRegressor bytes
-    304 bayesianProbitRegressor bytes
-    400 glmClassifier bytes
-    401 supportVectorClassifier bytes
-    402 treeEnsembleClassifier bytes
-    403 neuralNetworkClassifier bytes
-    404 kNearestNeighborsClassifier bytes
-    500 neuralNetwork bytes
-    501 itemSimilarityRecommender bytes
-    502 mlProgram Program
-    555 customModel bytes
-    556 linkedModel bytes
-    560 classConfidenceThresholding bytes
-    600 oneHotEncoder bytes
-    601 imputer bytes
-    602 featureVectorizer bytes
-    603 dictVectorizer bytes
-    604 scaler bytes
-    606 categoricalMapping bytes
-    607 normalizer bytes
-    609 arrayFeatureExtractor bytes
-    610 nonMaximumSuppression bytes
-    900 identity bytes
-    2000 textClassifier bytes
-    2001 wordTagger bytes
-    2002 visionFeaturePrint bytes
-    2003 soundAnalysisPreprocessing bytes
-    2004 gazetteer bytes
-    2005 wordEmbedding bytes
-    2006 audioFeaturePrint bytes
-    3000 serializedModel bytes
-"""
-
-# A read view of ModelDescription (Model.description is kept as bytes). Field order = field numbers.
-_DESCRIPTION = """
-message ModelDescription
-  1 input FeatureDescription repeated
-  10 output FeatureDescription repeated
-  11 predictedFeatureName string
-  12 predictedProbabilitiesName string
-  13 state FeatureDescription repeated
-  20 functions FunctionDescription repeated
-  21 defaultFunctionName string
-  50 trainingInput FeatureDescription repeated
-  100 metadata Metadata
-
-message FunctionDescription
-  1 name string
-  2 input FeatureDescription repeated
-  3 output FeatureDescription repeated
-  4 predictedFeatureName string
-  5 predictedProbabilitiesName string
-  6 state FeatureDescription repeated
-
-message Metadata
-  1 shortDescription string
-  2 versionString string
-  3 author string
-  4 license string
-  100 userDefined Metadata_UserDefinedEntry repeated
-
-message Metadata_UserDefinedEntry
-  1 key string
-  2 value string
-
-message FeatureDescription
-  1 name string
-  2 shortDescription string
-  3 type FeatureType
-
-message FeatureType
-  oneof Type
-    1 int64Type bytes
-    2 doubleType bytes
-    3 stringType bytes
-    4 imageType ImageFeatureType
-    5 multiArrayType ArrayFeatureType
-    6 dictionaryType bytes
-    7 sequenceType bytes
-    8 stateType StateFeatureType
-  1000 isOptional bool
-
-message ArrayFeatureType
-  1 shape int64 repeated
-  2 dataType int32
-  oneof ShapeFlexibility
-    21 enumeratedShapes bytes
-    31 shapeRange bytes
-  oneof defaultOptionalValue
-    41 intDefaultValue int32
-    51 floatDefaultValue float
-    61 doubleDefaultValue double
-
-message ImageFeatureType
-  1 width int64
-  2 height int64
-  3 colorSpace int32
-  oneof SizeFlexibility
-    21 enumeratedSizes bytes
-    31 imageSizeRange bytes
-
-message StateFeatureType
-  oneof Type
-    1 arrayType ArrayFeatureType
-"""
+_MODEL = model_message(mlProgram="Program")
 
 # MIL.proto (package CoreML.Specification.MILSpec). `*Entry` messages are the maps' wire form.
 _MIL = """
@@ -315,11 +205,11 @@ message DictionaryValue_KeyValuePair
   2 value Value
 """
 
-_CLASSES = build_messages(_MODEL + _DESCRIPTION + _MIL, _PACKAGE)
-MESSAGE_NAMES: tuple[str, ...] = tuple(_CLASSES)  # every message declared above
+_CLASSES = {**{n: description.message_class(n) for n in _DESCRIPTION_MESSAGES}, **build_messages(_MODEL + _MIL, _PACKAGE)}
+MESSAGE_NAMES: tuple[str, ...] = tuple(_CLASSES)  # every message of the path, the shared description's included
 
 Model = _CLASSES["Model"]
-ModelDescription = _CLASSES["ModelDescription"]
+ModelDescription = description.ModelDescription
 FunctionDescription = _CLASSES["FunctionDescription"]
 Metadata = _CLASSES["Metadata"]
 FeatureDescription = _CLASSES["FeatureDescription"]
@@ -415,7 +305,4 @@ def remove_entry(entries, key: str) -> bool:
     return bool(doomed)
 
 
-def read_description(model):
-    """The parsed ModelDescription of a Model message (empty when absent). A copy: editing it changes
-    nothing until it is serialised back into `model.description`."""
-    return ModelDescription.FromString(model.description) if model.HasField("description") else ModelDescription()
+read_description = description.read_description  # a parsed copy: edits change nothing until serialised back

@@ -19,7 +19,7 @@ import numpy as np
 
 from mlqpipe.errors import CheckError
 from mlqpipe.formats.base import Finding
-from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.description import read_description
 from mlqpipe.formats.nn.inventory import WeightRecord, layer_records
 from mlqpipe.formats.nn.structure import iter_layers
 from mlqpipe.formats.nn.layers import layer_type

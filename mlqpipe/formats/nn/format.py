@@ -92,7 +92,7 @@ class NeuralNetworkFormat:
 
     def describe(self, m: CoreMLModel) -> dict:
         """What `mlqpipe inspect` shows beside the weights."""
-        from mlqpipe.formats.nn.description import feature_rows
+        from mlqpipe.formats.description import feature_rows
 
         return {"type": m.model_type, "specificationVersion": m.spec.specificationVersion, **feature_rows(m.spec)}
 

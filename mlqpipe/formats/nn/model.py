@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from mlqpipe.errors import ModelError
 from mlqpipe.fileio import atomic_write
 from mlqpipe.formats.nn import proto
-from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.description import read_description
 from mlqpipe.formats.nn.structure import PIPELINE_TYPES, iter_layers, neural_networks, pipeline_of
 
 _LFS_MAGIC = b"version https://git-lfs"

@@ -18,56 +18,13 @@ per-element conversion (milliseconds instead of seconds for millions of weights)
 
 from __future__ import annotations
 
-from mlqpipe.formats.protoschema import build_messages
+from mlqpipe.formats.protoschema import build_messages, model_message
 
 _PACKAGE = "mlqpipe.formats.nn"
 
 # One message per block. A field line: `number name type [repeated]`. Types are protobuf scalar names or a
 # message name from this table; `oneof NAME` opens a group that runs to the next blank-indented line.
 _SCHEMA = """
-message Model
-  1 specificationVersion int32
-  2 description bytes
-  10 isUpdatable bool
-  oneof Type
-    200 pipelineClassifier PipelineClassifier
-    201 pipelineRegressor PipelineRegressor
-    202 pipeline Pipeline
-    300 glmRegressor bytes
-    301 supportVectorRegressor bytes
-    302 treeEnsembleRegressor bytes
-    303 neuralNetworkRegressor NeuralNetworkRegressor
-    304 bayesianProbitRegressor bytes
-    400 glmClassifier bytes
-    401 supportVectorClassifier bytes
-    402 treeEnsembleClassifier bytes
-    403 neuralNetworkClassifier NeuralNetworkClassifier
-    404 kNearestNeighborsClassifier bytes
-    500 neuralNetwork NeuralNetwork
-    501 itemSimilarityRecommender bytes
-    502 mlProgram bytes
-    555 customModel bytes
-    556 linkedModel bytes
-    560 classConfidenceThresholding bytes
-    600 oneHotEncoder bytes
-    601 imputer bytes
-    602 featureVectorizer bytes
-    603 dictVectorizer bytes
-    604 scaler bytes
-    606 categoricalMapping bytes
-    607 normalizer bytes
-    609 arrayFeatureExtractor bytes
-    610 nonMaximumSuppression bytes
-    900 identity bytes
-    2000 textClassifier bytes
-    2001 wordTagger bytes
-    2002 visionFeaturePrint bytes
-    2003 soundAnalysisPreprocessing bytes
-    2004 gazetteer bytes
-    2005 wordEmbedding bytes
-    2006 audioFeaturePrint bytes
-    3000 serializedModel bytes
-
 message Pipeline
   1 models Model repeated
   2 names string repeated
@@ -394,7 +351,11 @@ def _layer_lines() -> str:
     return "\n".join(f"    {e[0]} {e[1]} {e[2] if len(e) > 2 else 'bytes'}" for e in entries)
 
 
-_CLASSES = build_messages(_SCHEMA.replace("@LAYERS", _layer_lines().strip()), _PACKAGE)
+# the model types this format looks inside; the others stay opaque bytes
+_MODEL = model_message(pipelineClassifier="PipelineClassifier", pipelineRegressor="PipelineRegressor", pipeline="Pipeline",
+                       neuralNetworkRegressor="NeuralNetworkRegressor", neuralNetworkClassifier="NeuralNetworkClassifier",
+                       neuralNetwork="NeuralNetwork")
+_CLASSES = build_messages(_MODEL + _SCHEMA.replace("@LAYERS", _layer_lines().strip()), _PACKAGE)
 Model = _CLASSES["Model"]
 NeuralNetwork = _CLASSES["NeuralNetwork"]
 NeuralNetworkLayer = _CLASSES["NeuralNetworkLayer"]

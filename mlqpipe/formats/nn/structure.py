@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.description import read_description
 from mlqpipe.formats.nn.layers import nested_networks
 
 NN_TYPES = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")

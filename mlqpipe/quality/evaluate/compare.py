@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.description import read_description
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities, run_model
 from mlqpipe.quality.evaluate.settings import CLASSIFIER_TYPES, array_name

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlqpipe.formats.nn.description import DOUBLE, FLOAT32, INT32, read_description
+from mlqpipe.formats.description import DOUBLE, FLOAT32, INT32, read_description
 from mlqpipe.formats.nn.structure import NN_TYPES, PIPELINE_TYPES, pipeline_of
 from mlqpipe.quality.evaluate import messages_models as mm
 from mlqpipe.quality.evaluate.context import Unsupported

@@ -11,7 +11,7 @@ from math import prod
 
 import numpy as np
 
-from mlqpipe.formats.nn.description import read_description
+from mlqpipe.formats.description import read_description
 
 CLASSIFIER_TYPES = ("neuralNetworkClassifier", "pipelineClassifier")
 ACCURACY_GATES = ("min_accuracy", "max_accuracy_drop")

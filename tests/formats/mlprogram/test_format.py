@@ -158,3 +158,16 @@ def test_check_passes_catalog_packages_and_fails_broken_ones(mlpackage, tmp_path
     assert main(["check", str(broken)]) == 1
     assert "[spec-version]" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "nope.mlpackage")]) == 2
+
+
+def test_plan_command_shows_the_selection_then_the_problem(mlpackage, tmp_path, monkeypatch, capsys):
+    shutil.copytree(mlpackage("mlp_ios16_fp32"), tmp_path / "m.mlpackage")
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "r.yaml"]) == 2
+    out, err = capsys.readouterr()
+    assert "fc1_weight_0  const  128x64  float32 -> linear8" in out and "rule 'big'" in out
+    assert "mode linear is not available for mlprogram models" in err
+    assert main(["build", "r.yaml"]) == 1  # a build fails the same way, one line, nothing written
+    assert "mode linear is not available for mlprogram models" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "m.q.mlpackage").exists()
