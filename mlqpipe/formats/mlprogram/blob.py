@@ -408,6 +408,14 @@ class BlobWriter:
         self._pos += info.size_in_bytes
         return meta
 
+    def flush_header(self) -> None:
+        """Write the count so far into the header and flush: the file is a valid weight file now (for a
+        reader mapping it while this writer goes on appending)."""
+        self._out.seek(0)
+        self._out.write(struct.pack("<I", self.count))
+        self._out.seek(self._pos)
+        self._out.flush()
+
     def close(self) -> None:
         """Write the blob count into the header; close the file if this writer opened it."""
         if self._closed:

@@ -23,13 +23,38 @@ from mlqpipe.errors import ModelError
 from mlqpipe.formats.mlprogram import proto
 from mlqpipe.formats.mlprogram.blob import BlobFile, BlobWriter
 from mlqpipe.formats.mlprogram.package import (
-    COREML_AUTHOR, WEIGHTS_NAME, PackageLayout, copy_other_items, dump_manifest, item_identifier, read_layout,
+    COREML_AUTHOR, PACKAGE_FILES, WEIGHTS_NAME, PackageLayout, copy_other_items, dump_manifest, item_identifier, read_layout,
     resolve_blob_file, write_package,
 )
 from mlqpipe.formats.mlprogram.program import blob_dtype_code, immediate_array, tensor_type, walk
 
 _LFS_MAGIC = b"version https://git-lfs"
 _MAX_PROTO = 2**31 - 1
+
+
+SCRATCH = "@mlqpipe/new-weights"  # the fileName of values written since loading (never valid in a package)
+
+
+class Scratch:
+    """A private weight file holding the blobs written into a model since it was loaded (compressed
+    weights), on disk rather than in memory, append-only so copies of the model can share it. Saving moves
+    its blobs into the package's weight file."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="mlqpipe-new-"))
+        self.path = self.dir / "weight.bin"
+        self._writer = BlobWriter(self.path)
+        self._done = weakref.finalize(self, Scratch._cleanup, self._writer, self.dir)
+
+    @staticmethod
+    def _cleanup(writer, directory) -> None:
+        writer.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def add(self, data, dtype_code: int, padding_bits: int = 0) -> int:
+        offset = self._writer.add(data, dtype_code, padding_bits)
+        self._writer.flush_header()
+        return offset
 
 
 class MLProgram:
@@ -44,20 +69,33 @@ class MLProgram:
         self._model_bytes = model_bytes  # as read: an unchanged spec keeps the input's manifest
         self._blobs: dict[Path, BlobFile] = {}
         self._keep: object = None  # a temporary package this model reads from (from_artifact)
+        self.scratch: Scratch | None = None  # blobs written since loading (shared with copies)
 
     # --- weights ---------------------------------------------------------------------------------------------
 
     def blob_file(self, file_name: str) -> BlobFile:
-        """The weight file a `blobFileValue.fileName` names, opened once (memory-mapped)."""
-        path = resolve_blob_file(self.layout, file_name)
+        """The weight file a `blobFileValue.fileName` names, opened once (memory-mapped); SCRATCH names the
+        blobs written since loading."""
+        if file_name == SCRATCH:
+            if self.scratch is None:
+                raise ModelError(f"{self.source}: a value refers to new weights that were never written")
+            path = self.scratch.path
+        else:
+            path = resolve_blob_file(self.layout, file_name)
         found = self._blobs.get(path)
         if found is not None and _changed(found, path):  # replaced or resized since opened: map it anew
             found.close()
             found = None
         if found is None:
-            rel = path.relative_to(self.layout.root).as_posix()
+            rel = "(new weights)" if file_name == SCRATCH else path.relative_to(self.layout.root).as_posix()
             found = self._blobs[path] = BlobFile(path, f"{self.source}: {rel}")
         return found
+
+    def new_blob(self, data, dtype_code: int, padding_bits: int = 0) -> int:
+        """Store a new blob (see blob.BlobWriter.add for `data`); returns its offset under SCRATCH."""
+        if self.scratch is None:
+            self.scratch = Scratch()
+        return self.scratch.add(data, dtype_code, padding_bits)
 
     def value_array(self, value, where: str):
         """The numbers of a tensor Value (immediate or in a weight file) in its declared dtype and shape;
@@ -101,6 +139,7 @@ class MLProgram:
         """A model with its own spec reading the same weight files (they are never modified)."""
         twin = MLProgram(proto.Model.FromString(self.spec.SerializeToString()), self.layout, self.source, self._model_bytes)
         twin._keep = self._keep
+        twin.scratch = self.scratch  # append-only: the twin's new blobs get offsets of their own
         twin.inherited_findings = self.inherited_findings
         return twin
 
@@ -216,23 +255,39 @@ def _value_site(source: str, site, key: str) -> str:
 
 
 def _rewrite_blobs(model: MLProgram, spec, root: Path) -> None:
-    """Copy every referenced blob into the new package (per weight file, in the input's offset order, each
-    blob once however many values share it) and point the values of `spec` at the new offsets."""
+    """Write every referenced blob into the new package and point the values of `spec` at the new offsets:
+    per weight file, the input's blobs first in their offset order (copied without decoding, each once
+    however many values share it), then the blobs written since loading (SCRATCH), which go into the
+    package's main weight file, in the order they were written."""
     refs: dict[str, list] = {}
     for _, value in blob_values(spec):
-        refs.setdefault(value.blobFileValue.fileName, []).append(value)
+        name = value.blobFileValue.fileName
+        refs.setdefault(PACKAGE_FILES.blob_file_name if name == SCRATCH else name, []).append(value)
     for file_name, values in refs.items():
-        source = model.blob_file(file_name)
-        rel = source.path.relative_to(model.layout.root)
+        old = [v for v in values if v.blobFileValue.fileName != SCRATCH]
+        new = [v for v in values if v.blobFileValue.fileName == SCRATCH]
+        rel = _weight_file_rel(model, file_name)
         out = root / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        moved = {}
+        moved: dict = {}
         with BlobWriter(out) as writer:
-            for offset in sorted({v.blobFileValue.offset for v in values}):
-                moved[offset] = writer.copy_from(source, offset)
-                source.release(offset)
+            for key in sorted({(0, v.blobFileValue.offset) for v in old}) + sorted({(1, v.blobFileValue.offset) for v in new}):
+                source = model.blob_file(SCRATCH if key[0] else file_name)
+                moved[key] = writer.copy_from(source, key[1])
+                source.release(key[1])
         for v in values:
-            v.blobFileValue.offset = moved[v.blobFileValue.offset]
+            v.blobFileValue.offset = moved[(int(v.blobFileValue.fileName == SCRATCH), v.blobFileValue.offset)]
+            v.blobFileValue.fileName = file_name
+
+
+def _weight_file_rel(model: MLProgram, file_name: str) -> Path:
+    """Where a weight file goes in the new package: where the input has it, else (new weights in a package
+    that had none) under the model's folder as `@model_path/...` says."""
+    try:
+        return resolve_blob_file(model.layout, file_name).relative_to(model.layout.root)
+    except ModelError:
+        tail = file_name[len("@model_path/"):] if file_name.startswith("@model_path/") else file_name
+        return model.layout.model_dir.relative_to(model.layout.root) / tail
 
 
 def _derived_manifest(layout: PackageLayout, model_bytes: bytes) -> bytes:
