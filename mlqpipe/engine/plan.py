@@ -101,6 +101,11 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             action, reason, new = "custom", f"decided at build time by custom code {recipe.rule(match.rule).python}", st
         elif rec.updatable:
             reason = "updatable weight: Core ML trains only float weights, left as it is"
+        elif (refusal := fmt.refusal(rec, mode.name)) and not (mode.reads_quantized and st.kind == mode.done_if):
+            action, reason = "error", refusal
+            problems.append(_problem(recipe, at + ("rules",), f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' "
+                                     f"would {mode.name} {rec.id}: {refusal} — selected by rule '{match.rule}'",
+                                     f"narrow rule '{match.rule}' (e.g. count: {{min: ...}}) or add a rule with exclude: true before it"))
         elif mode.reads_quantized:
             if st.kind == mode.done_if:
                 reason = f"already {st.kind}"

@@ -181,6 +181,7 @@ class ModelFormat(Protocol):
     def raise_version(self, model, change: str) -> None: ...  # after a mode with this version floor ran
     def stored_bytes(self, rec: WeightRecord, storage: Storage) -> int: ...  # size estimate for plans
     def write_result(self, rec: WeightRecord, result, **options) -> None: ...  # a quant.results result
+    def refusal(self, rec: WeightRecord, mode: str) -> str | None: ...  # why this weight cannot take this mode
     def fold(self, model, kinds) -> list: ...  # layer folds; ModelError when the format has none
     def edge_layers(self, model) -> dict: ...  # (network, layer) -> {"first", "last"}
     def precision_problems(self, model, records, after: dict) -> list[Finding]: ...  # mixed float precision

@@ -133,6 +133,9 @@ class FakeFormat:
         else:
             raise ModelError(f"{rec.where}: fake models cannot store {type(result).__name__}")
 
+    def refusal(self, rec, mode) -> str | None:
+        return None
+
     def fold(self, model, kinds) -> list:
         raise ModelError("fake models have no layers to fold")
 

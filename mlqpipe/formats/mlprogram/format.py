@@ -18,8 +18,9 @@ class MLProgramFormat:
     name = "mlprogram"
     suffixes = (".mlpackage",)
     directory = True
-    modes: frozenset[str] = frozenset()  # compression comes with mlqpipe.optimize (ML programs, part 2)
-    modes_note = "compressing ML programs is not supported yet (inspect, check, validate and plan are)"
+    # what ML programs can store so far (part 2 adds linear, palettization and pruning)
+    modes: frozenset[str] = frozenset({"fp16", "dequantize"})
+    modes_note = "ML programs take fp16 and dequantize stages so far; linear, LUT and pruning modes come next"
     evaluator = None
 
     @property
@@ -87,7 +88,8 @@ class MLProgramFormat:
         return total
 
     def raise_version(self, m, change: str) -> None:
-        raise NotImplementedError("ML programs have no weight modes yet")
+        """Compressed-weight ops need iOS16: the writer refuses a function below it (raising a program's
+        opset is an explicit recipe choice, not a side effect)."""
 
     def stored_bytes(self, rec, storage: Storage) -> int:
         """Bytes a weight takes in `storage`: as stored now, or an estimate for the plan (codes packed to
@@ -102,7 +104,18 @@ class MLProgramFormat:
         return codes + (8 * channels if storage.kind == "linear" else 4 * 2 ** storage.nbits)
 
     def write_result(self, rec, result, **options) -> None:
-        raise NotImplementedError("ML programs have no weight modes yet")
+        from mlqpipe.formats.mlprogram.writers import write_result
+
+        write_result(rec, result, **options)
+
+    def refusal(self, rec, mode: str) -> str | None:
+        """coremltools never compresses consts of rank < 2 (Core ML's compressed ops are not used for
+        them), and fp16 storage is for fp32 weights."""
+        if mode != "dequantize" and len(rec.shape or ()) < 2:
+            return f"a rank-{len(rec.shape or ())} const (compressed weights need rank >= 2, as coremltools requires)"
+        if mode == "fp16" and rec.dtype != "fp32" and not rec.compressed:
+            return f"fp16 storage is for fp32 weights (this one is {rec.dtype})"
+        return None
 
     def fold(self, m, kinds) -> list:
         from mlqpipe.errors import ModelError

@@ -197,11 +197,90 @@ def write_float32(rec, r: Float32Result) -> None:
     restore_const(rec, r.values.astype(dtype).reshape(rec.shape))
 
 
+_CODE_DTYPES = {"int8": proto.INT8, "uint8": proto.UINT8, "int4": proto.INT4, "uint4": proto.UINT4}
+
+
+def _float_dtype(rec) -> int:
+    return proto.FLOAT16 if rec.dtype == "fp16" else proto.FLOAT32
+
+
+def _needs_ios18(rec, what: str) -> ModelError:
+    return ModelError(f"{rec.where}: {what} needs iOS18 (opset CoreML8); this function's opset is {opset_of(rec)}: "
+                      "raise the model's deployment target, or choose a setting iOS16 supports")
+
+
+def write_affine(rec, r) -> None:
+    """Linear quantization: iOS18 constexpr_blockwise_shift_scale (data, scale, offset), any granularity and
+    4/8-bit codes; iOS16/17 constexpr_affine_dequantize (8-bit, per tensor or per channel, with a zero point
+    always, zeros when symmetric, as coremltools writes it)."""
+    code = _CODE_DTYPES[r.dtype]
+    scale = np.asarray(r.scale)
+    if ios18_form(rec):
+        params = [Param("data", r.data, code), Param("scale", scale, _float_dtype(rec))]
+        if r.zero_point is not None:
+            params.append(Param("offset", np.asarray(r.zero_point).astype(r.data.dtype), code))
+        replace_const(rec, "constexpr_blockwise_shift_scale", params)
+        return
+    if r.dtype not in ("int8", "uint8"):
+        raise _needs_ios18(rec, f"{r.dtype} codes")
+    channel = [i for i, n in enumerate(scale.shape) if n > 1]
+    if len(channel) > 1 or (channel and scale.shape[channel[0]] != r.data.shape[channel[0]]):
+        raise _needs_ios18(rec, "per-block quantization")
+    axis = channel[0] if channel else 0
+    zero = np.zeros_like(scale, dtype=r.data.dtype) if r.zero_point is None else np.asarray(r.zero_point).astype(r.data.dtype)
+    shape = (scale.size,) if channel else ()
+    replace_const(rec, "constexpr_affine_dequantize", [
+        Param("quantized_data", r.data, code), Param("zero_point", zero.reshape(shape), code),
+        Param("scale", scale.reshape(shape), _float_dtype(rec)), Param("axis", np.int32(axis), proto.INT32)])
+
+
+def write_palette(rec, r) -> None:
+    """Palettization: iOS18 constexpr_lut_to_dense (typed n-bit indices in the weight's shape, a LUT per
+    group, vector LUTs); iOS16/17 the per-tensor scalar form (packed indices, a 1-D LUT of 2, 4, 16, 64 or
+    256 entries, the shape)."""
+    if getattr(r, "per_channel_scale", None) is not None:
+        raise ModelError(f"{rec.where}: per-channel-scaled LUTs cannot be written yet")
+    lut = np.asarray(r.lut)
+    if ios18_form(rec):
+        params = [Param("indices", r.indices, UINT_OF_BITS[r.nbits]), Param("lut", lut, _float_dtype(rec))]
+        if r.vector_axis is not None:
+            params.append(Param("vector_axis", np.int32(r.vector_axis), proto.INT32))
+        replace_const(rec, "constexpr_lut_to_dense", params)
+        return
+    if r.nbits == 3:
+        raise _needs_ios18(rec, "a 3-bit LUT")
+    if any(n != 1 for n in lut.shape[:-2]) or lut.shape[-1] != 1:
+        raise _needs_ios18(rec, "per-grouped-channel or vector palettization")
+    packed = np.frombuffer(pack_lsb_first(np.asarray(r.indices, np.uint8).ravel(), r.nbits), np.uint8)
+    replace_const(rec, "constexpr_lut_to_dense", [
+        Param("indices", packed, proto.UINT8), Param("lut", lut.reshape(-1), _float_dtype(rec)),
+        Param("shape", np.asarray(rec.shape, np.uint32), proto.UINT32)])
+
+
+def write_sparse(rec, r) -> None:
+    """Pruning: constexpr_sparse_to_dense — iOS18 a uint1 mask in the weight's shape, iOS16/17 the mask
+    packed LSB-first plus the shape; the nonzero values in row-major order either way."""
+    mask = np.asarray(r.mask, bool)
+    if not mask.any():
+        raise ModelError(f"{rec.where}: every value would be pruned; a zero-length sparse weight is not written "
+                         "(keep it dense)")
+    nonzero = np.asarray(r.nonzero)
+    if ios18_form(rec):
+        replace_const(rec, "constexpr_sparse_to_dense", [Param("nonzero_data", nonzero, _float_dtype(rec)),
+                                                         Param("mask", mask.astype(np.uint8), proto.UINT1)])
+        return
+    packed = np.packbits(mask.ravel(), bitorder="little")
+    replace_const(rec, "constexpr_sparse_to_dense", [
+        Param("nonzero_data", nonzero, _float_dtype(rec)), Param("mask", packed, proto.UINT8),
+        Param("shape", np.asarray(rec.shape, np.uint32), proto.UINT32)])
+
+
 WRITERS = {Float16Result: write_float16, Float32Result: write_float32}
+_BY_NAME = {"AffineResult": write_affine, "PaletteResult": write_palette, "SparseResult": write_sparse}
 
 
 def write_result(rec, result, **options) -> None:
-    writer = WRITERS.get(type(result))
+    writer = WRITERS.get(type(result)) or _BY_NAME.get(type(result).__name__)
     if writer is None:
         raise ModelError(f"{rec.where}: ML programs cannot store a {type(result).__name__} yet")
     writer(rec, result)

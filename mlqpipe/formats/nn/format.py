@@ -65,6 +65,9 @@ class NeuralNetworkFormat:
     def write_result(self, rec, result, **options) -> None:
         writers.write_result(rec, result, **options)
 
+    def refusal(self, rec, mode: str) -> str | None:
+        return None  # every blob takes every mode (the modes' own checks name the rest)
+
     def fold(self, m: CoreMLModel, kinds) -> list:
         return fold.fold_model(m.spec, kinds=kinds)
 

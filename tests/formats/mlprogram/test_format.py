@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import mlqpipe
@@ -122,7 +123,7 @@ def test_plan_shows_what_a_stage_would_select_and_says_compression_is_not_there_
     assert chosen == {r.id for r in records if r.count >= 1000} and chosen
     assert [str(p) for p in problems] == [
         "r.yaml:7:23: stages[0].mode: m.mlpackage: stage 'big': mode linear is not available for mlprogram models "
-        "(hint: compressing ML programs is not supported yet (inspect, check, validate and plan are))"]
+        "(hint: ML programs take fp16 and dequantize stages so far; linear, LUT and pruning modes come next)"]
     assert main(["validate", "r.yaml"]) == 2
     assert not (tmp_path / "out").exists()
 
@@ -171,3 +172,51 @@ def test_plan_command_shows_the_selection_then_the_problem(mlpackage, tmp_path, 
     assert main(["build", "r.yaml"]) == 1  # a build fails the same way, one line, nothing written
     assert "mode linear is not available for mlprogram models" in capsys.readouterr().err
     assert not (tmp_path / "out" / "m.q.mlpackage").exists()
+
+
+FP16_RECIPE = """\
+version: 1
+models:
+  - {input: m.mlpackage, output: 'out/{stem}.fp16.mlpackage'}
+rules:
+  matrices: {count: {min: 100}, field: weight}
+gates: {min_compression: 1.3}
+stages:
+  - {name: half, mode: fp16, rules: [matrices]}
+"""
+
+
+@pytest.mark.parametrize("name", ["mlp_ios16_fp32", "multifunction_ios18", "conv_ios16"])
+def test_an_fp16_recipe_builds_a_package_through_doit_cache_and_lock(mlpackage, tmp_path, monkeypatch, capsys, name):
+    shutil.copytree(mlpackage(name), tmp_path / "m.mlpackage")
+    (tmp_path / "r.yaml").write_text(FP16_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLQPIPE_CACHE", str(tmp_path / "cache"))
+    assert main(["validate", "r.yaml"]) == 0, capsys.readouterr().err
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    out = tmp_path / "out" / "m.fp16.mlpackage"
+    entry = json.loads((tmp_path / "mlqpipe.lock.json").read_text())["outputs"]["out/m.fp16.mlpackage"]
+    assert entry["output_sha256"] == digest(out) and entry["inputs"] == {"m.mlpackage": digest(tmp_path / "m.mlpackage")}
+    halves = [r for r in mlqpipe.inventory(out) if r.layer_type == "constexpr_cast"]
+    originals = {r.id: r for r in mlqpipe.inventory(tmp_path / "m.mlpackage")}
+    assert halves and all(r.storage == "float16" and r.field == "weight" for r in halves)
+    for r in halves:
+        assert np.array_equal(r.values(), originals[r.id].values().astype(np.float16).astype(np.float32))
+    report = json.loads((tmp_path / "out" / "m.fp16.report.json").read_text())
+    assert {w["id"] for w in report["weights"]} == {r.id for r in halves}
+    capsys.readouterr()
+    assert main(["build", "r.yaml"]) == 0 and "0 built" in capsys.readouterr().out  # nothing to do
+    first = read_tree(out)
+    shutil.rmtree(tmp_path / "cache")
+    shutil.rmtree(out)
+    assert main(["build", "r.yaml"]) == 0
+    assert read_tree(out) == first  # rebuilt from scratch: the same bytes
+
+
+def test_rank_one_consts_are_a_located_problem(mlpackage, tmp_path, monkeypatch, capsys):
+    shutil.copytree(mlpackage("mlp_ios16_fp32"), tmp_path / "m.mlpackage")
+    (tmp_path / "r.yaml").write_text(FP16_RECIPE.replace("field: weight", "field: bias"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "r.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml:8:" in err and "would fp16 fc1_bias_0: a rank-1 const (compressed weights need rank >= 2" in err, err
