@@ -21,6 +21,7 @@ ALLOWED = {
     "recipe": {"errors", "fileio", "artifacts", "schema", "formats"},  # formats: coremltools selector layer types (NN only)
     "quality": {"errors", "fileio", "artifacts", "terminal", "formats"},
     "engine": {"errors", "fileio", "artifacts", "quant", "formats", "recipe", "quality"},
+    "optimize": {"errors", "fileio", "artifacts", "quant", "formats", "engine"},  # coremltools.optimize.coreml's API for ML programs
     "build": {"errors", "fileio", "artifacts", "terminal", "formats", "recipe", "engine", "quality", "mlqpipe"},
     "cli": {"errors", "fileio", "artifacts", "terminal", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
     "mlqpipe": set(),  # __init__: the public names are loaded lazily, by name
