@@ -38,3 +38,41 @@ class LutResult:
     lut: np.ndarray  # float32 [2**nbits]
     indices: np.ndarray  # flat uint8 < 2**nbits, in the blob's order
     nbits: int
+
+
+# ML-program (iOS18 canonical) results: the writer converts them to iOS16/17 attribute forms where it can.
+
+
+@dataclass(frozen=True, eq=False)
+class AffineResult:
+    """w ≈ scale · (data − zero_point), scale and zero_point broadcast blockwise (constexpr_blockwise_shift_scale).
+
+    `scale` has data's rank with `data.shape[i] / scale.shape[i]` = the block size on axis i; `zero_point`
+    has scale's shape and data's dtype, or is None (symmetric signed: no offset)."""
+
+    data: np.ndarray  # int8 (int8/int4) or uint8 (uint8/uint4), the weight's shape
+    scale: np.ndarray  # the weight's float dtype
+    zero_point: np.ndarray | None
+    dtype: str  # "int8" | "uint8" | "int4" | "uint4"
+
+
+@dataclass(frozen=True, eq=False)
+class PaletteResult:
+    """w ≈ lut[group, indices] (constexpr_lut_to_dense, iOS18 layout), times `per_channel_scale` if set.
+
+    `lut` is [k_1 … k_R, 2**nbits, V] (k_i groups along axis i, V = vector length); `indices` has the
+    weight's shape with `vector_axis` divided by V (vector_axis None when V == 1)."""
+
+    lut: np.ndarray  # the weight's float dtype
+    indices: np.ndarray  # uint8 < 2**nbits
+    nbits: int
+    vector_axis: int | None
+    per_channel_scale: np.ndarray | None = None  # the weight's rank, broadcastable to it; decoded w = scale · lut[...]
+
+
+@dataclass(frozen=True, eq=False)
+class SparseResult:
+    """w = zeros with `nonzero` scattered (row-major) at the True positions of `mask`."""
+
+    mask: np.ndarray  # bool, the weight's shape
+    nonzero: np.ndarray  # 1-D, the weight's dtype

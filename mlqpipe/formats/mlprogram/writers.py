@@ -19,7 +19,7 @@ from mlqpipe.formats.mlprogram import proto
 from mlqpipe.formats.mlprogram.blob import BLOB_CODE_OF_MIL
 from mlqpipe.formats.mlprogram.model import SCRATCH
 from mlqpipe.formats.mlprogram.packing import pack_lsb_first
-from mlqpipe.quant.results import Float16Result, Float32Result
+from mlqpipe.quant.results import AffineResult, Float16Result, Float32Result, PaletteResult, SparseResult
 
 _IOS18_OPSETS = {"CoreML8", "CoreML9"}
 _CONSTEXPR_OPSETS = {"CoreML6", "CoreML7"} | _IOS18_OPSETS
@@ -275,12 +275,12 @@ def write_sparse(rec, r) -> None:
         Param("shape", np.asarray(rec.shape, np.uint32), proto.UINT32)])
 
 
-WRITERS = {Float16Result: write_float16, Float32Result: write_float32}
-_BY_NAME = {"AffineResult": write_affine, "PaletteResult": write_palette, "SparseResult": write_sparse}
+WRITERS = {Float16Result: write_float16, Float32Result: write_float32, AffineResult: write_affine,
+           PaletteResult: write_palette, SparseResult: write_sparse}
 
 
 def write_result(rec, result, **options) -> None:
-    writer = WRITERS.get(type(result)) or _BY_NAME.get(type(result).__name__)
+    writer = WRITERS.get(type(result))
     if writer is None:
         raise ModelError(f"{rec.where}: ML programs cannot store a {type(result).__name__} yet")
     writer(rec, result)

@@ -83,3 +83,57 @@ def test_a_function_below_ios16_is_refused(mlpackage):
     rec = next(r for r in mlqpipe.inventory(model) if len(r.shape) == 2)
     with pytest.raises(mlqpipe.ModelError, match="opset CoreML5 has no compressed-weight ops"):
         write_result(rec, Float16Result(rec.values().astype(np.float16).ravel()))
+
+
+affine = pytest.importorskip("mlqpipe.quant.affine")
+palette = pytest.importorskip("mlqpipe.quant.palette")
+prune = pytest.importorskip("mlqpipe.quant.prune")
+
+# (kernel, settings, decode) per compression; the weight's output axis is 0 for linear layers
+KINDS = {
+    "int8_per_channel": lambda: (affine.linear_quantize, affine.AffineSettings(), affine.dequantize),
+    "uint8_linear_per_tensor": lambda: (affine.linear_quantize, affine.AffineSettings(mode="linear", dtype="uint8", granularity="per_tensor"),
+                                        affine.dequantize),
+    "lut4_uniform": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=4), palette.depalettize),
+    "sparse50": lambda: (prune.prune, prune.PruneSettings(target_sparsity=0.5), prune.densify),
+}
+IOS18_KINDS = {
+    "int4_per_block": lambda: (affine.linear_quantize, affine.AffineSettings(dtype="int4", granularity="per_block", block_size=32),
+                               affine.dequantize),
+    "lut4_grouped": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=4, granularity="per_grouped_channel",
+                                                                        group_size=16), palette.depalettize),
+    "lut3": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=3), palette.depalettize),
+}
+CASES = [("mlp_ios16_fp32", k) for k in KINDS] + [("mlp_ios18_fp32", k) for k in [*KINDS, *IOS18_KINDS]]
+
+
+@pytest.mark.parametrize("name, kind", CASES)
+def test_compressed_weights_decode_in_coremltools_as_we_meant(mlpackage, tmp_path, name, kind):
+    ct = pytest.importorskip("coremltools")
+    kernel, settings, decode = {**KINDS, **IOS18_KINDS}[kind]()
+    model = mlqpipe.load_model(mlpackage(name))
+    want = {}
+    for r in mlqpipe.inventory(model):
+        if len(r.shape) == 2 and r.count >= 1024:
+            result = kernel(r.values(), settings)
+            want[r.layer] = np.asarray(decode(result), np.float32).reshape(r.shape)
+            write_result(r, result)
+    model.save(tmp_path / "out.mlpackage")  # our check accepts it
+    ours = {r.layer: r for r in mlqpipe.inventory(mlqpipe.load_model(tmp_path / "out.mlpackage"))}
+    for layer, values in want.items():
+        assert ours[layer].compressed and np.array_equal(ours[layer].values(), values), layer
+    theirs = ct.optimize.coreml.decompress_weights(ct.models.MLModel(str(tmp_path / "out.mlpackage"), skip_model_load=True))
+    theirs.save(str(tmp_path / "ct.mlpackage"))
+    dense = {r.layer: r.values() for r in mlqpipe.inventory(mlqpipe.load_model(tmp_path / "ct.mlpackage"))}
+    for layer, values in want.items():
+        assert np.array_equal(dense[layer], values), layer
+
+
+@pytest.mark.parametrize("kind, message", [("int4_per_block", "int4 codes needs iOS18"), ("lut3", "a 3-bit LUT needs iOS18"),
+                                           ("lut4_grouped", "per-grouped-channel or vector palettization needs iOS18")])
+def test_ios18_only_forms_are_refused_on_ios16(mlpackage, kind, message):
+    kernel, settings, _ = IOS18_KINDS[kind]()
+    model = mlqpipe.load_model(mlpackage("mlp_ios16_fp32"))
+    rec = next(r for r in mlqpipe.inventory(model) if len(r.shape) == 2)
+    with pytest.raises(mlqpipe.ModelError, match=message):
+        write_result(rec, kernel(rec.values(), settings))
