@@ -363,3 +363,13 @@ def build(name: str, directory: Path) -> Path:
         shutil.rmtree(path)
     CATALOG[name](path)
     return path
+
+
+def varint(n: int) -> bytes:
+    """A protobuf varint (tests hand-craft wire bytes with it)."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)

@@ -38,6 +38,7 @@ from mlqpipe.formats.mlprogram.model import blob_values, load_package
 from mlqpipe.formats.mlprogram.package import PACKAGE_FILES
 from mlqpipe.formats.mlprogram.program import active_block, functions, walk
 from tests.conftest import REPO
+from .packages import varint
 
 W = PACKAGE_FILES.weight_relpath
 M = PACKAGE_FILES.model_relpath
@@ -114,20 +115,11 @@ def save_refused(model, out: Path, **kw) -> str:
     return str(info.value)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def write_pipeline(pkg: Path, inner: bytes) -> None:
     """model.mlmodel as a Pipeline (Model field 202, Pipeline.models = 1) holding one model."""
     spec = proto.Model.FromString(inner)
     outer = proto.Model(specificationVersion=spec.specificationVersion, description=spec.description)
-    outer.pipeline = _varint(1 << 3 | 2) + _varint(len(inner)) + inner  # field 1, length-delimited
+    outer.pipeline = varint(1 << 3 | 2) + varint(len(inner)) + inner  # field 1, length-delimited
     pkg.joinpath(M).write_bytes(outer.SerializeToString())
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mlqpipe.formats.mlprogram import proto
 
-from .packages import CATALOG
+from .packages import CATALOG, varint
 
 
 def model_bytes(package: Path) -> bytes:
@@ -171,18 +171,9 @@ def test_description_view_reads_the_features(pb, mlpackage):
 # -- unknown fields ------------------------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 _UNKNOWN = {  # field 9001 = varint 7, field 9002 = length-delimited b"mlqpipe" (numbers no message uses)
-    "varint": _varint(9001 << 3 | 0) + _varint(7),
-    "bytes": _varint(9002 << 3 | 2) + _varint(7) + b"mlqpipe",
+    "varint": varint(9001 << 3 | 0) + varint(7),
+    "bytes": varint(9002 << 3 | 2) + varint(7) + b"mlqpipe",
 }
 
 
