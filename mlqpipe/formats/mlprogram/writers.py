@@ -19,6 +19,7 @@ from mlqpipe.formats.mlprogram import proto
 from mlqpipe.formats.mlprogram.blob import BLOB_CODE_OF_MIL
 from mlqpipe.formats.mlprogram.model import SCRATCH
 from mlqpipe.formats.mlprogram.packing import pack_lsb_first
+from mlqpipe.formats.mlprogram.program import active_block, op_name, walk
 from mlqpipe.quant.results import AffineResult, Float16Result, Float32Result, PaletteResult, SparseResult
 
 _IOS18_OPSETS = {"CoreML8", "CoreML9"}
@@ -98,8 +99,6 @@ def _rewrite_op(op, op_type: str, values: list, ios18: bool) -> None:
 def _drop_unused_constexprs(model, site) -> None:
     """Remove constexpr ops of the site's block whose outputs nothing reads any more (a decompressed
     chain's upstream ops). Other ops are never removed."""
-    from mlqpipe.formats.mlprogram.program import walk
-
     block = _block_of(model, site)
     while True:
         used = set(block.outputs)
@@ -116,15 +115,11 @@ def _drop_unused_constexprs(model, site) -> None:
 
 
 def _block_of(model, site):
-    from mlqpipe.formats.mlprogram.program import active_block
-
     fn = proto.find_entry(model.spec.mlProgram.functions, site.function)
     block = active_block(site.function, fn, model.source)
     for part in site.block.split("/")[1:]:  # "main/loop.blocks[1]" -> the op "loop", its block 1
-        op_name, _, index = part.rpartition(".blocks[")
-        from mlqpipe.formats.mlprogram.program import op_name as name_of
-
-        op = next(o for o in block.operations if name_of(o) == op_name)
+        name, _, index = part.rpartition(".blocks[")
+        op = next(o for o in block.operations if op_name(o) == name)
         block = op.blocks[int(index.rstrip("]"))]
     return block
 
