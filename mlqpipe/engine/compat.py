@@ -82,5 +82,5 @@ def _refuse_ml_program(model: Any) -> None:
         is_program = format_of(load_any(package)).name == "mlprogram"
     if is_program:
         raise ModelError("quantize_weights compresses neural networks (.mlmodel); this is an ML program (.mlpackage): "
-                         "ML programs are compressed with mlqpipe.optimize, which is not available yet "
-                         "(mlqpipe inspect, check, validate and plan already read them)")
+                         "ML programs are compressed with mlqpipe.optimize (its compression functions come next; "
+                         "recipes already store ML-program weights as fp16)")
