@@ -141,8 +141,6 @@ class _Program:
         return self.array(param.value, param.name)
 
     def array(self, value, name: str):
-        if tensor_type(value.type) is not None and tensor_type(value.type)[0] == proto.STRING:
-            return _strings(value)
         try:
             return self.model.value_array(value, name)
         except ModelError:
@@ -150,7 +148,8 @@ class _Program:
 
 
 def _strings(value):
-    """An inline string tensor (program.immediate_array knows numbers only)."""
+    """An inline string tensor's strings, flat, or None when it holds something else (the immediate-value
+    rule names what it holds; model.value_array reads string parameters)."""
     if not value.HasField("immediateValue") or value.immediateValue.tensor.WhichOneof("value") != "strings":
         return None
     return np.array(list(value.immediateValue.tensor.strings.values), dtype=object)

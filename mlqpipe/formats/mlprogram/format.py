@@ -140,6 +140,8 @@ class MLProgramFormat:
 
     def describe(self, m) -> dict:
         """What `mlqpipe inspect` shows beside the weights: features, functions and their opsets, parameters."""
+        from collections import Counter
+
         from mlqpipe.formats.mlprogram import proto
         from mlqpipe.formats.mlprogram.program import functions, walk
         from mlqpipe.formats.description import feature_rows
@@ -150,11 +152,10 @@ class MLProgramFormat:
         for f in desc.functions:  # a multifunction model describes each function; show the default one's
             if f.name == default and not (features["inputs"] or features["outputs"]):
                 features = _function_features(f)
-        rows = []
-        for name, function in sorted(functions(m.spec.mlProgram), key=lambda nf: (nf[0] != default, nf[0])):
-            ops = sum(1 for site in walk(m.spec.mlProgram, m.source) if site.function == name)
-            rows.append({"name": name, "opset": function.opset, "inputs": [i.name for i in function.inputs],
-                         "ops": ops, "default": name == default})
+        ops = Counter(site.function for site in walk(m.spec.mlProgram, m.source))  # one walk for every function
+        rows = [{"name": name, "opset": function.opset, "inputs": [i.name for i in function.inputs], "ops": ops[name],
+                 "default": name == default}
+                for name, function in sorted(functions(m.spec.mlProgram), key=lambda nf: (nf[0] != default, nf[0]))]
         try:
             from mlqpipe.formats.mlprogram.inventory import parameters
 
