@@ -110,6 +110,7 @@ def stage_configs(recipe, job, options: BuildOptions) -> list[dict]:
             code[ref] = hashlib.sha256(Path(origin).read_bytes()).hexdigest() if origin else None
         stage_doc = {k: v for k, v in asdict(stage).items() if k != "name"}
         configs.append({
+            **({"deployment_target": job.deployment_target} if job.deployment_target and not configs else {}),
             "stage": stage_doc,
             "rules": [[name, rules_doc.get(name)] for name in stage.rules],
             "code": code,
@@ -310,6 +311,10 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
         from mlqpipe.engine.execute import run_stage
 
         model = fmt.from_artifact(steps[-1], str(job.input))
+        if start == 0 and job.deployment_target:  # the recipe's explicit raise, before the first stage (in its key)
+            from mlqpipe.engine.plan import raise_target
+
+            raise_target(model, job, recipe)
         for i in range(start, upto + 1):
             run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
             steps.append(fmt.to_artifact(model))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlqpipe.errors import MlqpipeError, ModelError, RecipeError
 from mlqpipe.formats.registry import format_of, load_model
-from mlqpipe.engine.modes import ModeSettings, apply_mode, mode_named
-from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for
+from mlqpipe.engine.modes import ModeSettings, NotApplicableError, apply_mode, mode_named
+from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for, raise_target, stage_index
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
 from mlqpipe.recipe.problems import raise_problems
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
@@ -33,16 +33,35 @@ def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple
         if not callable(lut_function):
             raise RecipeError(f"{recipe.where('stages')}: custom LUT '{stage.function}' is not callable")
     min_scale = COREMLTOOLS_MIN_SCALE if stage.coremltools_rounding else EXACT_MIN_SCALE
-    settings = ModeSettings(stage.mode, stage.nbits or 8, lut_function, min_scale)
+    settings = stage_settings(stage, lut_function, min_scale)
     chosen = {d.id for d in decisions if d.action == "quantize"}
     changed = False
     for rec in fmt.inventory(model):
         if rec.id in chosen:
-            changed |= apply_mode(rec, settings)
+            try:
+                changed |= apply_mode(rec, settings)
+            except NotApplicableError as e:  # settings that do not fit a selected weight: say where they are written
+                raise ModelError(f"{recipe.where('stages', stage_index(recipe, stage))}: {fmt.source(model)}: stage "
+                                 f"'{stage.name}': {e}; change the stage's settings or exclude this weight from its rules") from None
     if changed and mode.version_floor:
         fmt.raise_version(model, mode.version_floor)
     plan.decisions = decisions
     return plan
+
+
+def stage_settings(stage: Stage, lut_function=None, min_scale: float = EXACT_MIN_SCALE) -> ModeSettings:
+    """A recipe stage's settings as the mode registry reads them; what the recipe leaves out keeps
+    coremltools' defaults (linear: dtype int8, or int4 for nbits 4)."""
+    mode = mode_named(stage.mode)
+    extra = {k: getattr(stage, k) for k in ("granularity", "group_size", "channel_axis", "cluster_dim", "per_channel_scale",
+                                             "lut_dtype", "target_sparsity", "n_m", "dim", "threshold", "minimum_sparsity",
+                                             "joint") if getattr(stage, k) is not None}
+    if stage.block_size is not None:
+        extra["prune_block_size" if mode.name == "prune" else "block_size"] = stage.block_size
+    if mode.name in ("linear", "linear_symmetric"):
+        extra["dtype"] = stage.dtype or (f"int{stage.nbits}" if stage.nbits in (4, 8) else "int8")
+    nbits = stage.nbits if stage.nbits is not None or mode.name in ("unique_lut", "custom_lut") else 8
+    return ModeSettings(stage.mode, nbits, lut_function, min_scale, **extra)
 
 
 def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model=None,
@@ -53,6 +72,8 @@ def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True,
     fmt = format_of(model)
     if snapshots is not None:
         snapshots.append(fmt.copy(model))
+    if job.deployment_target:
+        raise_target(model, job, recipe)
     plans = []
     for stage in job.stages:
         plans.append(run_stage(model, stage, recipe, allow_custom=allow_custom))

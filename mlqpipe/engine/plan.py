@@ -60,10 +60,12 @@ class ModelPlan:
     loaded: bool = True
     version_before: int = 0  # specificationVersion of the input and of the output
     version_after: int = 0
+    target_changes: list = field(default_factory=list)  # what deployment_target changed (ML programs)
 
 
 def storage_after(stage: Stage) -> Storage:
-    return mode_named(stage.mode).storage_after(stage.nbits)
+    bits = stage.nbits or (int(stage.dtype[-1]) if stage.dtype else None)
+    return mode_named(stage.mode).storage_after(bits)
 
 
 def matchers_for(stage: Stage, recipe: Recipe, allow_custom: bool | None) -> list[RuleMatcher]:
@@ -111,13 +113,16 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
                 reason = f"already {st.kind}"
             else:
                 action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
+        elif st.is_quantized and stage.joint and hasattr(fmt, "compressed_result"):
+            action, reason, new = "quantize", f"rule '{match.rule}', joint with {st}", storage_after(stage)
         elif st.is_quantized:
             action, reason = "error", f"already quantized ({st})"
             problems.append(_problem(recipe, at + ("rules",),
                                      f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' would quantize {rec.id}, "
                                      f"which is already quantized ({st}) — selected by rule '{match.rule}'",
                                      f"add `storage: float32` (or [float32, float16]) to rule '{match.rule}' to leave quantized "
-                                     "weights as they are, or add a dequantize stage before this one"))
+                                     "weights as they are, or add a dequantize stage before this one"
+                                     + (", or say joint: true (ML programs) to compress on top" if hasattr(fmt, "compressed_result") else "")))
         elif st.kind == mode.done_if:
             reason = f"already {st.kind}"
         else:
@@ -176,6 +181,53 @@ def mode_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
     return out
 
 
+def setting_key_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
+    """Stage settings this model's format does not read in that mode, and nbits it cannot store."""
+    out = []
+    for stage in job.stages:
+        if stage.mode == "fold" or mode_named(stage.mode).name not in fmt.modes:
+            continue
+        mode = mode_named(stage.mode)
+        at = ("stages", stage_index(recipe, stage))
+        reads = mode.keys_for(fmt.name)
+        for key in stage.keys_set():
+            if key not in reads:
+                takes = f"it takes {', '.join(reads)}" if reads else "it takes no settings"
+                out.append(_problem(recipe, at + (key,), f"{_shown(job.input)}: stage '{stage.name}': {key} is not a setting of "
+                                    f"{mode.name} on {fmt.name} models", f"{takes} (see schemas/recipe.schema.json)"))
+        if "nbits" in reads and stage.nbits is None and fmt.name not in mode.infers_nbits and mode.nbits:
+            out.append(_problem(recipe, at + ("mode",), f"{_shown(job.input)}: stage '{stage.name}': {mode.name} on {fmt.name} "
+                                f"models needs nbits", "add nbits: {}..{}".format(*mode.nbits)))
+        allowed = mode.format_nbits.get(fmt.name)
+        if allowed and stage.nbits is not None and stage.nbits not in allowed:
+            out.append(_problem(recipe, at + ("nbits",), f"{_shown(job.input)}: stage '{stage.name}': {fmt.name} models store "
+                                f"{mode.name} with nbits {', '.join(map(str, allowed))}, not {stage.nbits}",
+                                f"choose one of {', '.join(map(str, allowed))}"))
+        if stage.dtype and stage.nbits is not None and stage.nbits != int(stage.dtype[-1]):
+            out.append(_problem(recipe, at + ("nbits",), f"stage '{stage.name}': nbits {stage.nbits} disagrees with dtype {stage.dtype}",
+                                "give one of them (dtype is the ML-program setting; nbits the neural-network one)"))
+    return out
+
+
+def target_problems(job: ModelJob, recipe: Recipe, fmt, model, stage: Stage, decisions) -> list[Problem]:
+    """Settings of a stage that need a newer OS than the model targets (after its deployment_target)."""
+    if not hasattr(fmt, "requirements") or not any(d.action == "quantize" for d in decisions):
+        return []
+    from mlqpipe.formats.base import deployment_target
+
+    have = fmt.version(model)
+    out = []
+    for need, what in fmt.requirements(mode_named(stage.mode).name, stage):
+        if need > have:
+            out.append(_problem(recipe, ("stages", stage_index(recipe, stage)),
+                                f"{_shown(job.input)}: stage '{stage.name}': {what} needs {deployment_target(need)} "
+                                f"(specificationVersion {need}); this model targets {deployment_target(have)}",
+                                f"set deployment_target: {deployment_target(need).replace(' ', '')} for this model (in its models "
+                                "entry or in defaults) to raise it, or choose a setting its target supports"))
+            break
+    return out
+
+
 def condition_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
     """Rule conditions this model's format cannot answer, located in the recipe."""
     out = []
@@ -186,6 +238,22 @@ def condition_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
                                     f"condition {cond} cannot be answered for {fmt.name} models",
                                     "drop the condition, or give this model its own rule"))
     return out
+
+
+def raise_target(model, job: ModelJob, recipe: Recipe) -> list[str]:
+    """The recipe's explicit `deployment_target:` for this model, applied in place (the plan shows it)."""
+    fmt = format_of(model)
+    if not hasattr(fmt, "raise_target"):
+        raise ModelError(f"{_shown(fmt.source(model))}: deployment_target applies to ML programs; "
+                         f"{fmt.name} models get the version their modes need")
+    return fmt.raise_target(model, job.deployment_target)
+
+
+def _target_at(recipe: Recipe, job: ModelJob) -> tuple:
+    for at in (("models", job.entry, "deployment_target"), ("defaults", "deployment_target")):
+        if at in recipe.locations:
+            return at
+    return ("models", job.entry)
 
 
 def _setting_problem(recipe: Recipe, job: ModelJob, at: tuple, message: str, hint: str) -> Problem:
@@ -213,7 +281,13 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
         plan.loaded = False
         return plan
     plan.problems += mode_problems(job, recipe, fmt)
+    plan.problems += setting_key_problems(job, recipe, fmt)
     plan.version_before = fmt.version(model)
+    if job.deployment_target:
+        try:
+            plan.target_changes = raise_target(model, job, recipe)
+        except ModelError as e:
+            plan.problems.append(_problem(recipe, _target_at(recipe, job), str(e)))
     plan.problems += setting_problems(job, recipe, model)
     overlay: dict = {}
     plan.bytes_before = sum(fmt.stored_bytes(r, r.storage) for r in fmt.inventory(model))
@@ -236,6 +310,7 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
             plan.matched_entries |= {(m.rule.name, *hit) for rec in fmt.inventory(model) for m in matchers for hit in entries_matching(m.rule, rec)}
             sp.decisions = decisions
             plan.problems += problems
+            plan.problems += target_problems(job, recipe, fmt, model, stage, decisions)
             overlay.update(after)
             floor = mode_named(stage.mode).version_floor
             if floor and any(d.action == "quantize" for d in decisions) and mode_named(stage.mode).name in fmt.modes:

@@ -109,6 +109,11 @@ class WeightRecord:
         """The numbers as float32 (dequantized when stored compressed)."""
         raise NotImplementedError
 
+    def native_values(self) -> np.ndarray:
+        """The numbers in the weight's own float dtype where the format keeps one (float16 stays float16):
+        what kernels that compute in the weight's dtype read, as coremltools' ML-program kernels do."""
+        return self.values()
+
     def float_values(self) -> np.ndarray:
         """Like `values`, but refuses NaN or Inf with an error naming the weight."""
         v = self.values()

@@ -1,7 +1,10 @@
 """One kernel per quantization mode: float values in, a neutral result (quant/results.py) out.
 
 Every kernel has the same signature, so the mode registry (engine/modes.py) can name it in its table. The
-arithmetic lives in linear.py and lut.py; here it is only shaped for a weight blob."""
+arithmetic lives in linear.py and lut.py (neural networks: per-channel codes, one LUT per tensor) and in
+affine.py, palette.py, prune.py (ML programs: coremltools.optimize.coreml's blockwise, grouped and sparse
+forms); here it is only shaped for a weight. ML-program kernels see the weight in its own float dtype and
+return None when the weight is left as it is (threshold pruning that reaches too little sparsity)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,23 @@ class KernelSettings:
     min_scale: float = EXACT_MIN_SCALE
     lut_function: Callable | None = None
     where: str = ""  # names the weight in errors
+    # ML programs: coremltools.optimize.coreml's settings (engine/modes.py's ModeSettings documents them)
+    mode: str = ""
+    input_axis: int | None = None
+    dtype: str = "int8"
+    granularity: str | None = None
+    block_size: int | tuple[int, ...] = 32
+    group_size: int = 32
+    channel_axis: int | None = None
+    cluster_dim: int = 1
+    per_channel_scale: bool = False
+    lut_dtype: str | None = None
+    target_sparsity: float | None = None
+    threshold: float | None = None
+    minimum_sparsity: float = 0.5
+    prune_block_size: int | None = None
+    n_m: tuple[int, int] | None = None
+    dim: int | None = None
 
 
 def float32(values: np.ndarray, s: KernelSettings) -> Float32Result:
@@ -80,6 +100,96 @@ def custom_lut(values: np.ndarray, s: KernelSettings) -> LutResult:
     except ValueError as e:
         raise ModelError(str(e)) from None
     return LutResult(table, codes, s.nbits)
+
+
+# --- ML programs ---------------------------------------------------------------------------------------------
+
+PALETTE_MODES = {"kmeans_lut": "kmeans", "linear_lut": "uniform", "unique_lut": "unique", "custom_lut": "custom"}
+QUANTIZED_LUT_DTYPES = ("int8", "uint8")
+
+
+def affine_settings(s: KernelSettings):
+    from mlqpipe.quant.affine import AffineSettings
+
+    return AffineSettings(mode=s.mode, dtype=s.dtype, granularity=s.granularity or "per_channel",
+                          block_size=s.block_size, axis=0 if s.axis is None else s.axis, input_axis=s.input_axis)
+
+
+def palette_settings(s: KernelSettings):
+    from mlqpipe.quant.palette import PaletteSettings
+
+    axis = s.channel_axis if s.channel_axis is not None and s.granularity == "per_grouped_channel" else s.axis
+    return PaletteSettings(mode=PALETTE_MODES[s.mode], nbits=s.nbits, granularity=s.granularity or "per_tensor",
+                           group_size=s.group_size, channel_axis=0 if axis is None else axis, cluster_dim=s.cluster_dim,
+                           enable_per_channel_scale=s.per_channel_scale, lut_function=s.lut_function)
+
+
+def prune_settings(s: KernelSettings):
+    from mlqpipe.quant.prune import PruneSettings
+
+    if s.threshold is not None:
+        return PruneSettings(mode="threshold", threshold=s.threshold, minimum_sparsity=s.minimum_sparsity)
+    return PruneSettings(mode="magnitude", target_sparsity=s.target_sparsity, block_size=s.prune_block_size,
+                         n_m=s.n_m, dim=s.dim)
+
+
+def _needs_axis(s: KernelSettings, granularity: str) -> None:
+    from mlqpipe.quant.affine import NotApplicable
+
+    if s.axis is None and granularity != "per_tensor":
+        raise NotApplicable("its readers disagree on its output channel axis, so it has no channels to scale per "
+                            "(use granularity per_tensor)")
+
+
+def affine(values: np.ndarray, s: KernelSettings):
+    """Linear quantization in the blockwise form (quant/affine.py)."""
+    from mlqpipe.quant.affine import linear_quantize
+
+    settings = affine_settings(s)
+    if not (settings.granularity == "per_block" and not isinstance(s.block_size, int)):
+        _needs_axis(s, settings.granularity)
+    return linear_quantize(values, settings)
+
+
+def palette(values: np.ndarray, s: KernelSettings):
+    """Palettization (quant/palette.py), its LUT quantized per tensor when lut_dtype is int8 or uint8."""
+    from mlqpipe.quant.palette import palettize
+
+    settings = palette_settings(s)
+    if settings.granularity != "per_tensor" or settings.cluster_dim > 1 or settings.enable_per_channel_scale:
+        _needs_axis(s, "per_grouped_channel")
+    result = palettize(values, settings)
+    if s.lut_dtype in QUANTIZED_LUT_DTYPES:
+        from mlqpipe.quant.joint import quantize_lut
+
+        result = quantize_lut(result, s.lut_dtype)
+    return result
+
+
+def sparse(values: np.ndarray, s: KernelSettings):
+    """Pruning (quant/prune.py); None when threshold pruning reaches less than minimum_sparsity."""
+    from mlqpipe.quant.prune import prune
+
+    return prune(values, prune_settings(s))
+
+
+def joint(previous, s: KernelSettings):
+    """A second compression on top of `previous` (the weight's current result, read back from the model):
+    palettize or quantize a pruned weight's nonzero values, or quantize a palettized weight's LUT."""
+    from mlqpipe.quant import joint as chains
+    from mlqpipe.quant.results import PaletteResult, SparseResult
+
+    if isinstance(previous, SparseResult) and s.mode in PALETTE_MODES:
+        return chains.palettize_nonzero(previous, palette_settings(s))
+    if isinstance(previous, SparseResult) and s.mode in ("linear", "linear_symmetric"):
+        return chains.quantize_nonzero(previous, affine_settings(s))
+    if isinstance(previous, PaletteResult) and s.mode in ("linear", "linear_symmetric"):
+        if (s.granularity or "per_tensor") != "per_tensor":
+            raise ValueError("a palettized weight's LUT is quantized per tensor only (granularity per_tensor)")
+        return chains.quantize_lut(previous, s.dtype, s.mode)
+    kind = {SparseResult: "pruned", PaletteResult: "palettized"}.get(type(previous), "compressed")
+    raise ValueError(f"joint compression of a {kind} weight with {s.mode} is not supported "
+                     "(prune then palettize or quantize; palettize then quantize the LUT)")
 
 
 def channel_rows(w: np.ndarray, axis: int | None):

@@ -15,7 +15,7 @@ from mlqpipe.recipe.custom import find_code
 from mlqpipe.recipe.problems import Problem, dotted, raise_problems
 from mlqpipe.recipe.schema_check import did_you_mean, schema_problems, stage_nbits
 from mlqpipe.recipe.source import read_source
-from mlqpipe.recipe.types import CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
+from mlqpipe.recipe.types import STAGE_SETTINGS, CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
 
 _PLACEHOLDERS = {"stem", "name", "dir", "recipe"}
 _RANGES = ("count", "in_channels", "out_channels", "kernel_channels", "layer_weight_count")
@@ -242,9 +242,32 @@ def _selector_problems(sel, doc, at) -> list[Problem]:
     return out
 
 
+_ML_KEYS = tuple(k for k in STAGE_SETTINGS if k not in ("nbits", "function", "coremltools_rounding"))
+
+
+def _prune_problems(at, raw, doc) -> list:
+    """coremltools' pruner rules the schema does not spell: which keys go with which way of pruning."""
+    out = []
+    if raw.get("mode") != "prune":
+        return out
+    pairs = [("block_size", "target_sparsity", "block pruning needs target_sparsity"),
+             ("minimum_sparsity", "threshold", "minimum_sparsity goes with threshold pruning")]
+    for key, needs, why in pairs:
+        if key in raw and needs not in raw:
+            out.append(doc.problem(at + (key,), f"'{key}' without '{needs}'", why, key=True))
+    if "dim" in raw and not ("block_size" in raw or "n_m" in raw):
+        out.append(doc.problem(at + ("dim",), "'dim' without 'block_size' or 'n_m'", "dim says where blocks or n:m runs lie", key=True))
+    if "n_m" in raw and raw["n_m"][0] > raw["n_m"][1]:
+        out.append(doc.problem(at + ("n_m",), f"n_m {raw['n_m']}: n must not exceed m", "e.g. n_m: [2, 4]"))
+    if isinstance(raw.get("block_size"), int) and raw["block_size"] < 2:
+        out.append(doc.problem(at + ("block_size",), f"block_size {raw['block_size']} is not a block", "prune blocks of 2 or more channels"))
+    return out
+
+
 def _stage(i, raw, doc, problems, rule_names, python_path) -> Stage:
     at = ("stages", i)
     mode = raw["mode"]
+    problems += _prune_problems(at, raw, doc)
     for j, name in enumerate(raw.get("rules", [])):
         if name not in rule_names:
             problems.append(doc.problem(at + ("rules", j), f"no rule named '{name}'",
@@ -261,6 +284,7 @@ def _stage(i, raw, doc, problems, rule_names, python_path) -> Stage:
         function=raw.get("function"),
         fold=tuple(raw.get("fold", ("batchnorm", "scale", "bias") if mode == "fold" else ())),
         coremltools_rounding=bool(raw.get("coremltools_rounding", False)),
+        **{k: (tuple(raw[k]) if isinstance(raw[k], list) else raw[k]) for k in _ML_KEYS if k in raw},
     )
 
 
@@ -335,7 +359,7 @@ def _jobs(i, entry, defaults, doc, problems, base_dir: Path, recipe_path: Path, 
         if check_files and out.resolve() == m.resolve():
             problems.append(doc.problem(at + ("output",), f"output '{_shown(out)}' is the input itself", "inputs are never modified: choose another output path"))
             continue
-        jobs.append(ModelJob(m, out, tuple(job_stages), gates, evaluation, i))
+        jobs.append(ModelJob(m, out, tuple(job_stages), gates, evaluation, i, settings.get("deployment_target")))
     return jobs
 
 

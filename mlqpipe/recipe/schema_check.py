@@ -13,7 +13,10 @@ from mlqpipe.recipe.problems import Problem, dotted
 _NOT_ALLOWED = {"nbits": (False, "stages take no nbits"),
                 "function": (True, "stages take a function"),
                 "fold": (True, "stages take a fold list"),
-                "coremltools_rounding": (True, "stages round like coremltools")}
+                "coremltools_rounding": (True, "stages round like coremltools"),
+                **{key: (True, f"stages take {key}") for key in (
+                    "dtype", "granularity", "block_size", "group_size", "channel_axis", "cluster_dim", "per_channel_scale",
+                    "lut_dtype", "target_sparsity", "n_m", "dim", "threshold", "minimum_sparsity", "joint")}}
 
 
 def did_you_mean(word, candidates) -> str:

@@ -59,10 +59,35 @@ class Stage:
     function: str | None = None
     fold: tuple[str, ...] = ()
     coremltools_rounding: bool = False
+    # ML-program settings (None: not set in the recipe; engine/modes.py's ModeSettings gives the defaults)
+    dtype: str | None = None
+    granularity: str | None = None
+    block_size: int | tuple[int, ...] | None = None
+    group_size: int | None = None
+    channel_axis: int | None = None
+    cluster_dim: int | None = None
+    per_channel_scale: bool | None = None
+    lut_dtype: str | None = None
+    target_sparsity: float | None = None
+    n_m: tuple[int, int] | None = None
+    dim: int | None = None
+    threshold: float | None = None
+    minimum_sparsity: float | None = None
+    joint: bool | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.mode}{f' {self.nbits}-bit' if self.nbits else ''})"
+        return f"{self.name} ({self.mode}{f' {self.nbits}-bit' if self.nbits else ''}{f' {self.dtype}' if self.dtype else ''})"
+
+    def keys_set(self) -> tuple[str, ...]:
+        """The weight settings this stage's recipe entry gives (what a format is asked to read)."""
+        return tuple(k for k in STAGE_SETTINGS if getattr(self, k) not in (None, False))
+
+
+# the stage keys that are weight settings (besides mode, name, rules, fold)
+STAGE_SETTINGS = ("nbits", "function", "coremltools_rounding", "dtype", "granularity", "block_size", "group_size",
+                  "channel_axis", "cluster_dim", "per_channel_scale", "lut_dtype", "target_sparsity", "n_m", "dim",
+                  "threshold", "minimum_sparsity", "joint")
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,7 @@ class ModelJob:
     gates: Gates
     evaluation: Evaluation | None
     entry: int  # index in the recipe's models list
+    deployment_target: str | None = None  # ML programs: raise the model's target to this before the stages
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """The ML-program format (`.mlpackage` directories) as one implementation of `formats.base.ModelFormat`.
 
-Part 1 of ML-program support: loading, inventory, checks, byte-exact saving, recipe validation and plans.
-No weight modes yet (`modes` is empty), so a recipe stage on an ML program is a located problem saying so.
-Imports stay lazy: the registry imports this module whenever it meets a directory or a package-like path.
+Loading, inventory, checks, byte-exact saving, and every coremltools.optimize.coreml compression (plus fp16
+storage) through the writers. Imports stay lazy: the registry imports this module whenever it meets a directory or a package-like path.
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ class MLProgramFormat:
     name = "mlprogram"
     suffixes = (".mlpackage",)
     directory = True
-    # what ML programs can store so far (part 2 adds linear, palettization and pruning)
-    modes: frozenset[str] = frozenset({"fp16", "dequantize"})
-    modes_note = "ML programs take fp16 and dequantize stages so far; linear, LUT and pruning modes come next"
+    modes: frozenset[str] = frozenset({"fp16", "linear", "linear_symmetric", "linear_lut", "kmeans_lut", "unique_lut",
+                                       "custom_lut", "prune", "dequantize"})
+    modes_note = "mlqpipe changes an ML program's weights, not its graph (fold is a neural-network layer rewrite)"
     evaluator = None
 
     @property
@@ -116,6 +115,48 @@ class MLProgramFormat:
         if mode == "fp16" and rec.dtype != "fp32" and not rec.compressed:
             return f"fp16 storage is for fp32 weights (this one is {rec.dtype})"
         return None
+
+    def compressed_result(self, rec):
+        """A compressed weight's parameters as a kernel result, for a joint stage to compress on top."""
+        from mlqpipe.formats.mlprogram.readback import compressed_result
+
+        return compressed_result(rec)
+
+    def requirements(self, mode: str, settings) -> list[tuple[int, str]]:
+        """(specificationVersion, what) for each part of a stage's settings that needs a newer OS than iOS15:
+        any constexpr iOS16; int4/uint4, per_block, grouped, vector, 3-bit or per-channel-scaled LUTs, a
+        quantized LUT and joint compression iOS18 (MLPROGRAM.md §4)."""
+        from mlqpipe.formats.mlprogram.target import spec_of
+
+        if mode == "dequantize":
+            return []
+        need = [(spec_of("iOS16"), "compressed weights (constexpr ops)")]
+        ios18 = spec_of("iOS18")
+        get = lambda name, default=None: getattr(settings, name, default)  # noqa: E731
+        if mode in ("linear", "linear_symmetric"):
+            if get("dtype") in ("int4", "uint4"):
+                need.append((ios18, f"dtype {get('dtype')}"))
+            if get("granularity") == "per_block":
+                need.append((ios18, "granularity per_block"))
+        if mode.endswith("_lut"):
+            if get("granularity") == "per_grouped_channel":
+                need.append((ios18, "granularity per_grouped_channel"))
+            if (get("cluster_dim") or 1) > 1:
+                need.append((ios18, f"cluster_dim {get('cluster_dim')} (vector LUTs)"))
+            if get("nbits") == 3:
+                need.append((ios18, "nbits 3"))
+            if get("per_channel_scale"):
+                need.append((ios18, "per_channel_scale"))
+            if get("lut_dtype") in ("int8", "uint8"):
+                need.append((ios18, f"lut_dtype {get('lut_dtype')}"))
+        if get("joint"):
+            need.append((ios18, "joint compression"))
+        return need
+
+    def raise_target(self, m, target: str) -> list[str]:
+        from mlqpipe.formats.mlprogram.target import raise_target
+
+        return raise_target(m, target)
 
     def fold(self, m, kinds) -> list:
         from mlqpipe.errors import ModelError

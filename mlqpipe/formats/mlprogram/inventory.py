@@ -132,6 +132,14 @@ class MLWeightRecord(BaseRecord):
         got = got[handle.output] if isinstance(got, tuple) else got
         return np.asarray(got, dtype=np.float32)
 
+    def native_values(self) -> np.ndarray:
+        """A const's values in its own dtype (fp16 or fp32), one copy out of the weight file's mapping."""
+        handle: WeightHandle = self.handle
+        model, site = handle.model, handle.site
+        if site.op.type != "const":
+            return self.values()
+        return np.array(model.value_array(const_value(site.op), f"{model.source}: op '{site.name}' (const)"))
+
 
 @dataclass(frozen=True)
 class ParameterRecord:
