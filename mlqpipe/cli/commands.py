@@ -53,6 +53,7 @@ def plan_json(model_plans: list[ModelPlan]) -> list[dict]:
             "bytes_before": mp.bytes_before,
             "bytes_after": mp.bytes_after,
             "specification_version": {"before": mp.version_before, "after": mp.version_after},
+            "deployment_target_changes": list(mp.target_changes),
             "stages": [
                 {
                     "name": sp.stage.name,
@@ -92,6 +93,8 @@ def _show_plan(path, model_plans: list[ModelPlan], as_json: bool, verbose: int) 
         change = version_change(mp.version_before, mp.version_after)
         if change:
             print(f"  {change}")
+        for line in mp.target_changes:
+            print(f"  deployment_target: {line}")
         for sp in mp.stages:
             print(f"  stage {sp.stage.label}")
             if sp.stage.mode == "fold":

@@ -105,11 +105,12 @@ models:
 rules:
   big: {count: {min: 1000}}
 stages:
+  - {name: fold, mode: fold}
   - {name: big, mode: linear, nbits: 8, rules: [big]}
 """
 
 
-def test_plan_shows_what_a_stage_would_select_and_says_compression_is_not_there_yet(mlpackage, tmp_path, monkeypatch, capsys):
+def test_plan_shows_what_a_stage_would_select_and_that_fold_is_for_neural_networks(mlpackage, tmp_path, monkeypatch, capsys):
     pytest.importorskip("mlqpipe.formats.mlprogram.inventory")
     shutil.copytree(mlpackage("mlp_ios16_fp32"), tmp_path / "m.mlpackage")
     (tmp_path / "r.yaml").write_text(RECIPE)
@@ -118,12 +119,12 @@ def test_plan_shows_what_a_stage_would_select_and_says_compression_is_not_there_
     from mlqpipe.recipe import load_recipe
 
     (plan,), problems = plan_recipe(load_recipe("r.yaml"))
-    chosen = {d.id for d in plan.stages[0].decisions if d.action == "quantize"}
+    chosen = {d.id for d in plan.stages[1].decisions if d.action == "quantize"}
     records = mlqpipe.inventory(tmp_path / "m.mlpackage")
     assert chosen == {r.id for r in records if r.count >= 1000} and chosen
     assert [str(p) for p in problems] == [
-        "r.yaml:7:23: stages[0].mode: m.mlpackage: stage 'big': mode linear is not available for mlprogram models "
-        "(hint: ML programs take fp16 and dequantize stages so far; linear, LUT and pruning modes come next)"]
+        "r.yaml:7:24: stages[0].mode: m.mlpackage: stage 'fold': mode fold is not available for mlprogram models "
+        "(hint: mlqpipe changes an ML program's weights, not its graph (fold is a neural-network layer rewrite))"]
     assert main(["validate", "r.yaml"]) == 2
     assert not (tmp_path / "out").exists()
 
@@ -168,9 +169,9 @@ def test_plan_command_shows_the_selection_then_the_problem(mlpackage, tmp_path, 
     assert main(["plan", "r.yaml"]) == 2
     out, err = capsys.readouterr()
     assert "fc1_weight_0  const  128x64  float32 -> linear8" in out and "rule 'big'" in out
-    assert "mode linear is not available for mlprogram models" in err
+    assert "mode fold is not available for mlprogram models" in err
     assert main(["build", "r.yaml"]) == 1  # a build fails the same way, one line, nothing written
-    assert "mode linear is not available for mlprogram models" in capsys.readouterr().err
+    assert "mode fold is not available for mlprogram models" in capsys.readouterr().err
     assert not (tmp_path / "out" / "m.q.mlpackage").exists()
 
 

@@ -1,0 +1,246 @@
+"""Recipe stages on ML programs: every mode's settings reach the kernels as the recipe says, the graph is
+left alone, and settings that do not fit the model are located problems (the plan says where and what to
+do; nothing is written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+
+import mlqpipe
+from mlqpipe.cli import main
+from mlqpipe.formats.mlprogram.check import check_program
+from mlqpipe.formats.mlprogram.program import walk
+from mlqpipe.quant.affine import AffineSettings, dequantize, linear_quantize
+from mlqpipe.quant.palette import PaletteSettings, depalettize, palettize
+from mlqpipe.quant.prune import PruneSettings, densify, prune
+from tests.formats.mlprogram.conftest import mlpackage  # noqa: F401  (the catalog fixture)
+
+
+def _recipe(tmp_path, stages: str, model_lines: str = "", rules: str = "big: {count: {min: 2049}}") -> None:
+    text = textwrap.dedent("""\
+        version: 1
+        models:
+          - input: m.mlpackage
+            output: out/{{stem}}.q.mlpackage
+        {model_lines}rules:
+          {rules}
+        stages:
+        {stages}""").format(model_lines=model_lines, rules=rules, stages=textwrap.indent(textwrap.dedent(stages), "  "))
+    (tmp_path / "r.yaml").write_text(text)
+
+
+@pytest.fixture
+def project(mlpackage, tmp_path, monkeypatch):
+    def make(name: str = "mlp_ios18_fp32"):
+        shutil.copytree(mlpackage(name), tmp_path / "m.mlpackage")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLQPIPE_CACHE", str(tmp_path / "cache"))
+        return tmp_path
+
+    return make
+
+
+def _by_id(path):
+    return {r.id: r for r in mlqpipe.inventory(path)}
+
+
+def _other_ops(path, ids) -> list[bytes]:
+    """Every op but the compressed consts, serialized, with each weight-file reference replaced by the
+    bytes it points at (saving compacts weight.bin, so offsets of untouched blobs move)."""
+    import hashlib
+
+    m = mlqpipe.load_model(path)
+    out = []
+    for site in walk(m.spec.mlProgram, m.source):
+        if site.name in ids:
+            continue
+        op = type(site.op)()
+        op.CopyFrom(site.op)
+        values = [e.value for e in op.attributes] + [b.value for e in op.inputs for b in e.value.arguments if b.HasField("value")]
+        for value in values:
+            if value.HasField("blobFileValue"):
+                ref = value.blobFileValue
+                ref.fileName = hashlib.sha256(m.blob_file(ref.fileName).raw(ref.offset)).hexdigest()
+                ref.offset = 0
+        out.append(op.SerializeToString(deterministic=True))
+    return out
+
+
+# what each stage must decode to, computed with the kernels' own settings as coremltools names them
+def _affine(**kw):
+    return lambda w, rec: dequantize(linear_quantize(w, AffineSettings(axis=rec.axis, input_axis=rec.input_axis, **kw)))
+
+
+def _palette(**kw):
+    return lambda w, rec: depalettize(palettize(w, PaletteSettings(channel_axis=rec.axis, **kw)))
+
+
+def _prune(**kw):
+    return lambda w, rec: densify(prune(w, PruneSettings(**kw)))
+
+
+CASES = {
+    "linear int8 per channel (coremltools' default mode)": ("{mode: linear_symmetric, dtype: int8, rules: [big]}",
+                                                           _affine(mode="linear_symmetric", dtype="int8")),
+    "linear nbits 8 means int8": ("{mode: linear, nbits: 8, rules: [big]}", _affine(mode="linear", dtype="int8")),
+    "uint8 per tensor": ("{mode: linear, dtype: uint8, granularity: per_tensor, rules: [big]}",
+                         _affine(mode="linear", dtype="uint8", granularity="per_tensor")),
+    "int4 per block 16": ("{mode: linear, dtype: int4, granularity: per_block, block_size: 16, rules: [big]}",
+                          _affine(mode="linear", dtype="int4", granularity="per_block", block_size=16)),
+    "uint4 blocks per axis": ("{mode: linear_symmetric, dtype: uint4, granularity: per_block, block_size: [1, 32], rules: [big]}",
+                              _affine(mode="linear_symmetric", dtype="uint4", granularity="per_block", block_size=(1, 32))),
+    "uniform 3-bit LUT": ("{mode: linear_lut, nbits: 3, rules: [big]}", _palette(mode="uniform", nbits=3)),
+    "k-means 4-bit groups of 16": ("{mode: kmeans_lut, nbits: 4, granularity: per_grouped_channel, group_size: 16, rules: [big]}",
+                                   _palette(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)),
+    "vector LUT": ("{mode: kmeans_lut, nbits: 2, cluster_dim: 2, rules: [big]}", _palette(mode="kmeans", nbits=2, cluster_dim=2)),
+    "prune 50 %": ("{mode: prune, target_sparsity: 0.5, rules: [big]}", _prune(target_sparsity=0.5)),
+    "prune 2:4 on dim 1": ("{mode: prune, n_m: [2, 4], rules: [big]}", _prune(n_m=(2, 4))),
+    "prune blocks of 2": ("{mode: prune, target_sparsity: 0.25, block_size: 2, rules: [big]}", _prune(target_sparsity=0.25, block_size=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_stage_decodes_to_what_its_settings_say_and_leaves_every_other_op_alone(project, capsys, case):
+    stage, expected = CASES[case]
+    root = project()
+    _recipe(root, f"- {stage}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    out = root / "out" / "m.q.mlpackage"
+    before, after = _by_id(root / "m.mlpackage"), _by_id(out)
+    chosen = {i for i, r in before.items() if r.count > 2049}
+    assert chosen and {i for i, r in after.items() if r.compressed} == chosen
+    for i in chosen:
+        w = before[i].native_values()
+        assert np.array_equal(after[i].values(), np.asarray(expected(w, before[i]), np.float32)), i
+    assert _other_ops(out, chosen) == _other_ops(root / "m.mlpackage", chosen)
+    assert [f for f in check_program(mlqpipe.load_model(out)) if f.severity == "error"] == []
+
+
+def test_fp16_weights_are_compressed_in_fp16_arithmetic(project, capsys):
+    root = project("mlp_ios17_fp16")
+    _recipe(root, "- {mode: linear, dtype: int8, granularity: per_tensor, rules: [big]}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    before, after = _by_id(root / "m.mlpackage"), _by_id(root / "out" / "m.q.mlpackage")
+    for i, rec in after.items():
+        if rec.compressed:
+            w = before[i].native_values()
+            assert w.dtype == np.float16
+            want = dequantize(linear_quantize(w, AffineSettings(mode="linear", granularity="per_tensor")))
+            assert want.dtype == np.float16 and np.array_equal(rec.values(), want.astype(np.float32))
+
+
+def _problems(capsys) -> str:
+    assert main(["validate", "r.yaml"]) == 2
+    return capsys.readouterr().err
+
+
+PROBLEMS = {
+    "an ML-program setting on a neural network": (
+        "digits", "- {mode: linear, nbits: 8, dtype: int8, rules: [big]}\n",
+        "r.yaml:8:37: stages[0].dtype: {model}: stage '1-linear': dtype is not a setting of linear on neuralnetwork "
+        "models (hint: it takes nbits, coremltools_rounding (see schemas/recipe.schema.json))"),
+    "a LUT size ML programs cannot store": (
+        "mlp_ios18_fp32", "- {mode: kmeans_lut, nbits: 5, rules: [big]}\n",
+        "r.yaml:8:31: stages[0].nbits: m.mlpackage: stage '1-kmeans_lut': mlprogram models store kmeans_lut with nbits "
+        "1, 2, 3, 4, 6, 8, not 5 (hint: choose one of 1, 2, 3, 4, 6, 8)"),
+    "nbits and dtype disagree": (
+        "mlp_ios18_fp32", "- {mode: linear, nbits: 8, dtype: int4, rules: [big]}\n",
+        "r.yaml:8:27: stages[0].nbits: stage '1-linear': nbits 8 disagrees with dtype int4 (hint: give one of them "
+        "(dtype is the ML-program setting; nbits the neural-network one))"),
+    "a neural network without nbits": (
+        "digits", "- {mode: linear, dtype: int8, rules: [big]}\n",
+        "r.yaml:8:12: stages[0].mode: {model}: stage '1-linear': linear on neuralnetwork models needs nbits (hint: add nbits: 1..8)"),
+    "prune on a neural network": (
+        "digits", "- {mode: prune, target_sparsity: 0.5, rules: [big]}\n",
+        "r.yaml:8:12: stages[0].mode: {model}: stage '1-prune': mode prune is not available for neuralnetwork models"),
+    "block pruning without a target": (
+        "mlp_ios18_fp32", "- {mode: prune, n_m: [2, 4], block_size: 2, rules: [big]}\n",
+        "r.yaml:8:32: stages[0].block_size: 'block_size' without 'target_sparsity' (hint: block pruning needs target_sparsity)"),
+    "an iOS18 setting on an iOS16 model": (
+        "mlp_ios16_fp32", "- {mode: kmeans_lut, nbits: 4, granularity: per_grouped_channel, group_size: 16, rules: [big]}\n",
+        "r.yaml:8:5: stages[0]: m.mlpackage: stage '1-kmeans_lut': granularity per_grouped_channel needs iOS 18 "
+        "(specificationVersion 9); this model targets iOS 16 (hint: set deployment_target: iOS18 for this model (in its "
+        "models entry or in defaults) to raise it, or choose a setting its target supports)"),
+    "any compression on an iOS15 model": (
+        "mlp_ios15_fp32", "- {mode: fp16, rules: [big]}\n",
+        "r.yaml:8:5: stages[0]: m.mlpackage: stage '1-fp16': compressed weights (constexpr ops) needs iOS 16 "
+        "(specificationVersion 7); this model targets iOS 15 (hint: set deployment_target: iOS16 for this model"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROBLEMS))
+def test_settings_that_do_not_fit_the_model_are_located(project, tmp_path, monkeypatch, capsys, case):
+    name, stage, message = PROBLEMS[case]
+    if name == "digits":
+        from tests.conftest import REPO
+
+        shutil.copy(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
+        monkeypatch.chdir(tmp_path)
+        _recipe(tmp_path, stage, rules="big: {layer: dense_1}")
+        (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text().replace("m.mlpackage", "m.mlmodel"))
+    else:
+        _recipe(project(name), stage)
+    err = _problems(capsys)
+    assert message.format(model="m.mlmodel") in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_deployment_target_raises_the_model_explicitly_and_the_plan_says_so(project, capsys):
+    root = project("mlp_ios16_fp32")
+    _recipe(root, "- {mode: linear, dtype: int4, granularity: per_block, block_size: 32, rules: [big]}\n",
+            model_lines="    deployment_target: iOS18\n")
+    assert main(["plan", "--json", "r.yaml"]) == 0
+    (model,) = json.loads(capsys.readouterr().out)["models"]
+    assert model["specification_version"] == {"before": 7, "after": 9}
+    assert model["deployment_target_changes"] == ["function 'main': opset CoreML6 (iOS16) -> CoreML8 (iOS18)",
+                                                  "specificationVersion 7 -> 9"]
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    out = mlqpipe.load_model(root / "out" / "m.q.mlpackage")
+    assert out.spec.specificationVersion == 9
+    assert [e.value.opset for e in out.spec.mlProgram.functions] == ["CoreML8"]
+    report = json.loads((root / "out" / "m.q.report.json").read_text())
+    assert report["specification_version"]["before"] == 7 and report["specification_version"]["after"] == 9
+
+
+def test_deployment_target_is_refused_over_ios16_constexprs_it_would_reinterpret(project, capsys):
+    root = project("ios16_lut")
+    _recipe(root, "- {mode: linear, dtype: int4, granularity: per_block, rules: [big]}\n",
+            model_lines="    deployment_target: iOS18\n", rules="big: {count: {min: 2049}, storage: float32, optional: true}")
+    err = _problems(capsys)
+    assert "r.yaml:5:24: models[0].deployment_target: m.mlpackage: function 'main' holds op" in err, err
+    assert "(constexpr_lut_to_dense) in its CoreML6 form, which iOS18 defines differently; decompress it first" in err
+
+
+def test_deployment_target_is_for_ml_programs(tmp_path, monkeypatch, capsys):
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
+    monkeypatch.chdir(tmp_path)
+    _recipe(tmp_path, "- {mode: fp16, rules: [big]}\n", model_lines="    deployment_target: iOS18\n", rules="big: {layer: dense_1}")
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text().replace("m.mlpackage", "m.mlmodel"))
+    err = _problems(capsys)
+    assert "r.yaml:5:24: models[0].deployment_target: m.mlmodel: deployment_target applies to ML programs; neuralnetwork " \
+           "models get the version their modes need" in err, err
+
+
+def test_settings_that_do_not_fit_a_selected_weight_fail_the_build_naming_stage_and_weight(project, capsys):
+    root = project()
+    _recipe(root, "- {mode: linear, dtype: int8, granularity: per_block, block_size: 48, rules: [big]}\n")
+    assert main(["build", "r.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "r.yaml:8:5: m.mlpackage: stage '1-linear': op 'fc1_weight_0' (const) (fc1.weight): axis 1 has 64 elements, " \
+           "not a multiple of the block size 48; change the stage's settings or exclude this weight from its rules" in err, err
+    assert not (root / "out" / "m.q.mlpackage").exists()
+
+
+def test_compressing_a_compressed_weight_needs_joint(project, capsys):
+    root = project()
+    _recipe(root, "- {mode: prune, target_sparsity: 0.5, rules: [big]}\n- {mode: kmeans_lut, nbits: 4, rules: [big]}\n")
+    err = _problems(capsys)
+    assert "stage '2-kmeans_lut' would quantize fc1_weight_0, which is already quantized (sparse)" in err
+    assert "or say joint: true (ML programs) to compress on top" in err
