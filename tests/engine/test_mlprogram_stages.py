@@ -35,7 +35,7 @@ def _recipe(tmp_path, stages: str, model_lines: str = "", rules: str = "big: {co
 
 
 @pytest.fixture
-def project(mlpackage, tmp_path, monkeypatch):
+def project(mlpackage, tmp_path, monkeypatch):  # noqa: F811  (the fixture imported above)
     def make(name: str = "mlp_ios18_fp32"):
         shutil.copytree(mlpackage(name), tmp_path / "m.mlpackage")
         monkeypatch.chdir(tmp_path)
