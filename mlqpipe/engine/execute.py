@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlqpipe.errors import MlqpipeError, ModelError, RecipeError
 from mlqpipe.formats.registry import format_of, load_model
-from mlqpipe.engine.modes import ModeSettings, NotApplicableError, apply_mode, mode_named
-from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for, raise_target, stage_index
+from mlqpipe.engine.modes import NotApplicableError, apply_mode, mode_named
+from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for, raise_target, stage_index, stage_settings
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
 from mlqpipe.recipe.problems import raise_problems
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
@@ -47,21 +47,6 @@ def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple
         fmt.raise_version(model, mode.version_floor)
     plan.decisions = decisions
     return plan
-
-
-def stage_settings(stage: Stage, lut_function=None, min_scale: float = EXACT_MIN_SCALE) -> ModeSettings:
-    """A recipe stage's settings as the mode registry reads them; what the recipe leaves out keeps
-    coremltools' defaults (linear: dtype int8, or int4 for nbits 4)."""
-    mode = mode_named(stage.mode)
-    extra = {k: getattr(stage, k) for k in ("granularity", "group_size", "channel_axis", "cluster_dim", "per_channel_scale",
-                                             "lut_dtype", "target_sparsity", "n_m", "dim", "threshold", "minimum_sparsity",
-                                             "joint") if getattr(stage, k) is not None}
-    if stage.block_size is not None:
-        extra["prune_block_size" if mode.name == "prune" else "block_size"] = stage.block_size
-    if mode.name in ("linear", "linear_symmetric"):
-        extra["dtype"] = stage.dtype or (f"int{stage.nbits}" if stage.nbits in (4, 8) else "int8")
-    nbits = stage.nbits if stage.nbits is not None or mode.name in ("unique_lut", "custom_lut") else 8
-    return ModeSettings(stage.mode, nbits, lut_function, min_scale, **extra)
 
 
 def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True, model=None,

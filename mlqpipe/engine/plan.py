@@ -16,7 +16,9 @@ from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.fileio import shown_path as _shown
 from mlqpipe.recipe.problems import Problem, dotted
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
-from mlqpipe.engine.modes import mode_named
+from mlqpipe.engine.modes import ModeSettings, kernel_settings, mode_named
+from mlqpipe.quant import kernels
+from mlqpipe.quant.linear import EXACT_MIN_SCALE
 from mlqpipe.engine.select import NAME_LISTS, NEUTRAL_CONDITIONS, RuleMatcher, decide, entries_matching, set_conditions
 
 
@@ -66,6 +68,21 @@ class ModelPlan:
 def storage_after(stage: Stage) -> Storage:
     bits = stage.nbits or (int(stage.dtype[-1]) if stage.dtype else None)
     return mode_named(stage.mode).storage_after(bits)
+
+
+def stage_settings(stage: Stage, lut_function=None, min_scale: float = EXACT_MIN_SCALE) -> ModeSettings:
+    """A recipe stage's settings as the mode registry reads them; what the recipe leaves out keeps
+    coremltools' defaults (linear: dtype int8, or int4 for nbits 4)."""
+    mode = mode_named(stage.mode)
+    extra = {k: getattr(stage, k) for k in ("granularity", "group_size", "channel_axis", "cluster_dim", "per_channel_scale",
+                                             "lut_dtype", "target_sparsity", "n_m", "dim", "threshold", "minimum_sparsity",
+                                             "joint") if getattr(stage, k) is not None}
+    if stage.block_size is not None:
+        extra["prune_block_size" if mode.name == "prune" else "block_size"] = stage.block_size
+    if mode.name in ("linear", "linear_symmetric"):
+        extra["dtype"] = stage.dtype or (f"int{stage.nbits}" if stage.nbits in (4, 8) else "int8")
+    nbits = stage.nbits if stage.nbits is not None or mode.name in ("unique_lut", "custom_lut") else 8
+    return ModeSettings(stage.mode, nbits, lut_function, min_scale, **extra)
 
 
 def matchers_for(stage: Stage, recipe: Recipe, allow_custom: bool | None) -> list[RuleMatcher]:
@@ -127,6 +144,11 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             reason = f"already {st.kind}"
         else:
             action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
+        if action == "quantize" and (misfit := _shape_problem(fmt, mode, rec, stage)):
+            action, reason, new = "error", misfit, st
+            problems.append(_problem(recipe, at, f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}': {rec.where}: "
+                                     f"{misfit} — selected by rule '{match.rule}'",
+                                     "change the stage's settings, or exclude this weight from its rules"))
         after[rec.id] = new
         decisions.append(
             Decision(rec.id, rec.layer, rec.layer_type, rec.field_path, tuple(rec.shape or ()), stage.name, action, match.rule,
@@ -136,6 +158,13 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
                           "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])")
                  for f in fmt.precision_problems(model, records, after)]
     return decisions, problems, after
+
+
+def _shape_problem(fmt, mode, rec, stage: Stage) -> str | None:
+    """Settings a format's own kernels cannot apply to this weight's shape (its values are not read)."""
+    if mode.kernel_for(fmt.name) is mode.kernel or rec.shape is None or (stage.joint and rec.storage.is_quantized):
+        return None
+    return kernels.shape_problem(tuple(rec.shape), kernel_settings(rec, stage_settings(stage)))
 
 
 def rules_matching_something(model, matchers: list[RuleMatcher], overlay: dict | None = None) -> set[str]:

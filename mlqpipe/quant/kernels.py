@@ -173,6 +173,42 @@ def sparse(values: np.ndarray, s: KernelSettings):
     return prune(values, prune_settings(s))
 
 
+def shape_problem(shape: tuple[int, ...], s: KernelSettings) -> str | None:
+    """Why settings cannot apply to a weight of this shape (what the kernels would refuse with
+    NotApplicable), found without reading its values — for plans. None when they fit."""
+    if s.mode in ("linear", "linear_symmetric"):
+        from mlqpipe.quant.affine import block_sizes
+
+        a = affine_settings(s)
+        if s.axis is None and a.granularity != "per_tensor" and not (a.granularity == "per_block" and not isinstance(s.block_size, int)):
+            return "its readers disagree on its output channel axis (use granularity per_tensor)"
+        try:
+            sizes = block_sizes(tuple(shape), a)
+        except ValueError as e:
+            return str(e)
+        bad = [(i, d, b) for i, (d, b) in enumerate(zip(shape, sizes)) if b > 0 and d % b]
+        return f"axis {bad[0][0]} has {bad[0][1]} elements, not a multiple of the block size {bad[0][2]}" if bad else None
+    if s.mode in PALETTE_MODES:
+        p = palette_settings(s)
+        if s.axis is None and (p.granularity != "per_tensor" or p.cluster_dim > 1 or p.enable_per_channel_scale):
+            return "its readers disagree on its output channel axis (use granularity per_tensor)"
+        axis = p.channel_axis % len(shape)
+        size = shape[axis] if p.granularity == "per_tensor" or p.group_size == 0 else p.group_size
+        if size <= 0 or shape[axis] % size:
+            return f"the {shape[axis]} channels on axis {axis} are not a multiple of group_size {size}"
+        if size % p.cluster_dim:
+            return f"the group of {size} channels on axis {axis} is not a multiple of cluster_dim {p.cluster_dim}"
+        return None
+    if s.mode == "prune" and (s.prune_block_size or s.n_m):
+        dim = (0 if s.prune_block_size else 1) if s.dim is None else s.dim
+        if dim >= len(shape):
+            return f"dim {dim} is not an axis of the {len(shape)}-D weight"
+        unit, what = (s.prune_block_size, "block_size") if s.prune_block_size else (s.n_m[1], "m")
+        if unit > shape[dim] / 2:
+            return f"{what} {unit} is more than half of the {shape[dim]} channels on axis {dim}"
+    return None
+
+
 def joint(previous, s: KernelSettings):
     """A second compression on top of `previous` (the weight's current result, read back from the model):
     palettize or quantize a pruned weight's nonzero values, or quantize a palettized weight's LUT."""

@@ -228,13 +228,21 @@ def test_deployment_target_is_for_ml_programs(tmp_path, monkeypatch, capsys):
            "models get the version their modes need" in err, err
 
 
-def test_settings_that_do_not_fit_a_selected_weight_fail_the_build_naming_stage_and_weight(project, capsys):
+@pytest.mark.parametrize("stage, misfit", [
+    ("{mode: linear, dtype: int8, granularity: per_block, block_size: 48, rules: [big]}",
+     "op 'fc1_weight_0' (const) (fc1.weight): axis 1 has 64 elements, not a multiple of the block size 48"),
+    ("{mode: kmeans_lut, nbits: 4, granularity: per_grouped_channel, group_size: 48, rules: [big]}",
+     "op 'fc1_weight_0' (const) (fc1.weight): the 128 channels on axis 0 are not a multiple of group_size 48"),
+    ("{mode: prune, n_m: [3, 40], rules: [big]}",
+     "op 'fc1_weight_0' (const) (fc1.weight): m 40 is more than half of the 64 channels on axis 1"),
+])
+def test_settings_that_do_not_fit_a_selected_weight_are_found_by_the_plan(project, capsys, stage, misfit):
     root = project()
-    _recipe(root, "- {mode: linear, dtype: int8, granularity: per_block, block_size: 48, rules: [big]}\n")
-    assert main(["build", "r.yaml"]) == 1
-    err = capsys.readouterr().err
-    assert "r.yaml:8:5: m.mlpackage: stage '1-linear': op 'fc1_weight_0' (const) (fc1.weight): axis 1 has 64 elements, " \
-           "not a multiple of the block size 48; change the stage's settings or exclude this weight from its rules" in err, err
+    _recipe(root, f"- {stage}\n")
+    err = _problems(capsys)
+    assert f"r.yaml:8:5: stages[0]: m.mlpackage: stage '1-{stage.split()[1][:-1]}': {misfit} — selected by rule 'big' " \
+           "(hint: change the stage's settings, or exclude this weight from its rules)" in err, err
+    assert main(["build", "r.yaml"]) == 1 and misfit in capsys.readouterr().err
     assert not (root / "out" / "m.q.mlpackage").exists()
 
 
