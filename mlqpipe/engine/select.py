@@ -78,11 +78,13 @@ class RuleMatcher:
     def matches(self, rec: WeightRecord) -> bool | str:
         """True/False, or PENDING for custom code that a plan does not run."""
         r = self.rule
-        if r.layer and not any(fnmatchcase(rec.layer, p) for p in r.layer):
+        if r.layer and not any(fnmatchcase(name, p) for name in rec.layer_names for p in r.layer):
             return False
-        if self.regexes and not any(rx.fullmatch(rec.layer) for rx in self.regexes):
+        if self.regexes and not any(rx.fullmatch(name) for name in rec.layer_names for rx in self.regexes):
             return False
-        if r.layer_type and rec.layer_type not in r.layer_type:
+        if r.layer_type and not set(rec.layer_types) & set(r.layer_type):
+            return False
+        if r.function and not any(fnmatchcase(f, p) for f in rec.functions for p in r.function):
             return False
         if r.field and not any(fnmatchcase(name, p) for name in rec.names for p in r.field):
             return False
@@ -109,9 +111,10 @@ class RuleMatcher:
 
 # name conditions whose every entry must match some weight: rule attribute -> the record's name it tests
 NAME_LISTS = {
-    "layer": lambda rec, p: fnmatchcase(rec.layer, p),
-    "layer_regex": lambda rec, p: re.fullmatch(p, rec.layer) is not None,
-    "layer_type": lambda rec, p: rec.layer_type == p,
+    "layer": lambda rec, p: any(fnmatchcase(name, p) for name in rec.layer_names),
+    "layer_regex": lambda rec, p: any(re.fullmatch(p, name) is not None for name in rec.layer_names),
+    "layer_type": lambda rec, p: p in rec.layer_types,
+    "function": lambda rec, p: any(fnmatchcase(f, p) for f in getattr(rec, "functions", ())),
     "field": lambda rec, p: any(fnmatchcase(name, p) for name in rec.names),
     "network": lambda rec, p: fnmatchcase(rec.network, p),
 }

@@ -96,6 +96,16 @@ class WeightRecord:
         return (self.field,)
 
     @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The names a rule's `layer:` globs and `layer_regex:` are tried against."""
+        return (self.layer,)
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """The types a rule's `layer_type:` is tried against."""
+        return (self.layer_type,)
+
+    @property
     def field_path(self) -> str:
         """The field as reports show it (a format may name a path inside the layer's parameters)."""
         return self.field

@@ -202,6 +202,7 @@ def _rule(name, raw, doc, problems, python_path) -> Rule:
         layer_type=_tuple(raw.get("layer_type")),
         field=_tuple(raw.get("field")),
         network=_tuple(raw.get("network")),
+        function=_tuple(raw.get("function")),
         position=_tuple(raw.get("position")),
         count=_range(raw.get("count")),
         in_channels=_range(raw.get("in_channels")),

@@ -35,6 +35,7 @@ class Rule:
     layer_type: tuple[str, ...] = ()
     field: tuple[str, ...] = ()
     network: tuple[str, ...] = ()
+    function: tuple[str, ...] = ()  # ML programs: globs over the functions holding the weight
     count: Range | None = None
     in_channels: Range | None = None
     out_channels: Range | None = None

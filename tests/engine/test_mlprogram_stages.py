@@ -252,3 +252,46 @@ def test_compressing_a_compressed_weight_needs_joint(project, capsys):
     err = _problems(capsys)
     assert "stage '2-kmeans_lut' would quantize fc1_weight_0, which is already quantized (sparse)" in err
     assert "or say joint: true (ML programs) to compress on top" in err
+
+
+def _chosen(root) -> set[str]:
+    from mlqpipe.engine.plan import plan_recipe
+    from mlqpipe.recipe import load_recipe
+
+    (plan,), problems = plan_recipe(load_recipe(root / "r.yaml"))
+    assert problems == []
+    return {d.id for d in plan.stages[0].decisions if d.action == "quantize"}
+
+
+@pytest.mark.parametrize("rule, chosen", [
+    ("{layer: fc2, field: weight}", {"fc2_weight_0"}),  # a reader's name selects its weights
+    ("{layer: fc1_weight_0}", {"fc1_weight_0"}),  # and so does the const's own
+    ("{layer_regex: 'fc[12]', field: weight}", {"fc1_weight_0", "fc2_weight_0"}),
+    ("{layer_type: linear, field: weight}", {"fc1_weight_0", "fc2_weight_0", "fc3_weight_0"}),
+    ("{layer_type: const, field: weight, out_channels: {min: 100}}", {"fc1_weight_0"}),
+    ("{field: weight, in_channels: {max: 64}}", {"fc1_weight_0", "fc3_weight_0"}),
+    ("{function: main, field: weight, count: {min: 1000}}", {"fc1_weight_0", "fc2_weight_0"}),
+])
+def test_rules_select_ml_program_weights_by_reader_function_and_channels(project, rule, chosen):
+    root = project()
+    _recipe(root, "- {mode: linear_symmetric, rules: [r]}\n", rules=f"r: {rule}")
+    assert _chosen(root) == chosen
+
+
+def test_position_is_the_first_and_last_weight_of_each_function(project):
+    root = project()
+    _recipe(root, "- {mode: linear_symmetric, rules: [edges, w]}\n",
+            rules="edges: {position: [first, last], exclude: true}\n  w: {field: weight}")
+    assert _chosen(root) == {"fc2_weight_0"}
+
+
+def test_an_ml_program_condition_on_a_neural_network_is_located(tmp_path, monkeypatch, capsys):
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "pipelines" / "demo" / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
+    monkeypatch.chdir(tmp_path)
+    _recipe(tmp_path, "- {mode: fp16, rules: [r]}\n", rules="r: {function: main}")
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text().replace("m.mlpackage", "m.mlmodel"))
+    err = _problems(capsys)
+    assert "r.yaml:6:17: rules.r.function: m.mlmodel: rule 'r' (stage '1-fp16'): condition function cannot be answered " \
+           "for neuralnetwork models (hint: drop the condition, or give this model its own rule)" in err, err

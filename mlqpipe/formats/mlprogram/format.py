@@ -164,7 +164,18 @@ class MLProgramFormat:
         raise ModelError(f"{m.source}: ML programs have no layers to fold")
 
     def edge_layers(self, m) -> dict:
-        return {}
+        """{(network, layer): {"first", "last"}}: the first and last weight of each function's own block, in
+        program order (weights inside cond / while_loop bodies do not count, as branch bodies do not for
+        neural networks)."""
+        edges: dict = {}
+        by_function: dict = {}
+        for rec in self.inventory(m):
+            if ".blocks[" not in rec.network:
+                by_function.setdefault(rec.network, []).append(rec)
+        for network, recs in by_function.items():
+            edges.setdefault((network, recs[0].layer), set()).add("first")
+            edges.setdefault((network, recs[-1].layer), set()).add("last")
+        return edges
 
     def precision_problems(self, m, records, after: dict) -> list[Finding]:
         return []

@@ -95,7 +95,7 @@ class MLWeightRecord(BaseRecord):
     feeds_only_outputs: bool
     stored: int = 0  # bytes as stored, parameters included
 
-    CONDITIONS: ClassVar[frozenset[str]] = frozenset()
+    CONDITIONS: ClassVar[frozenset[str]] = frozenset({"function", "in_channels", "out_channels", "position"})
     FORMAT: ClassVar[str] = "mlprogram"
 
     @property
@@ -111,6 +111,24 @@ class MLWeightRecord(BaseRecord):
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys([self.field, *(c.parameter for c in self.consumers)]))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The const's own name and every reader's (rules name the layer that uses a weight)."""
+        return tuple(dict.fromkeys([self.layer, *(c.op for c in self.consumers)]))
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Every reader's op type (conv, linear, matmul, gather, ...), then the weight's own (const or a constexpr)."""
+        return tuple(dict.fromkeys([*(c.op_type for c in self.consumers), self.layer_type]))
+
+    @property
+    def out_channels(self) -> int | None:
+        return self.shape[self.axis] if self.shape and self.axis is not None else None
+
+    @property
+    def in_channels(self) -> int | None:
+        return self.shape[self.input_axis] if self.shape and self.input_axis is not None else None
 
     @property
     def compressed(self) -> bool:
