@@ -82,5 +82,6 @@ def _refuse_ml_program(model: Any) -> None:
         is_program = format_of(load_any(package)).name == "mlprogram"
     if is_program:
         raise ModelError("quantize_weights compresses neural networks (.mlmodel); this is an ML program (.mlpackage): "
-                         "ML programs are compressed with mlqpipe.optimize (its compression functions come next; "
-                         "recipes already store ML-program weights as fp16)")
+                         "compress it with mlqpipe.linear_quantize_weights, mlqpipe.palettize_weights or "
+                         "mlqpipe.prune_weights (coremltools.optimize.coreml's functions and configs, also in "
+                         "mlqpipe.optimize), or with a recipe")

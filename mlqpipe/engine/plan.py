@@ -164,6 +164,10 @@ def _shape_problem(fmt, mode, rec, stage: Stage) -> str | None:
     """Settings a format's own kernels cannot apply to this weight's shape (its values are not read)."""
     if mode.kernel_for(fmt.name) is mode.kernel or rec.shape is None or (stage.joint and rec.storage.is_quantized):
         return None
+    dtype = getattr(rec, "dtype", None)
+    if stage.lut_dtype in ("fp16", "fp32") and dtype != stage.lut_dtype:
+        return (f"lut_dtype {stage.lut_dtype} on a {dtype} weight: a LUT has the weight's own float type (another would "
+                "change the op's output type); leave lut_dtype out, or quantize the LUT with int8 / uint8")
     return kernels.shape_problem(tuple(rec.shape), kernel_settings(rec, stage_settings(stage)))
 
 

@@ -295,3 +295,12 @@ def test_an_ml_program_condition_on_a_neural_network_is_located(tmp_path, monkey
     err = _problems(capsys)
     assert "r.yaml:6:17: rules.r.function: m.mlmodel: rule 'r' (stage '1-fp16'): condition function cannot be answered " \
            "for neuralnetwork models (hint: drop the condition, or give this model its own rule)" in err, err
+
+
+def test_a_float_lut_dtype_must_be_the_weights_own(project, capsys):
+    root = project()
+    _recipe(root, "- {mode: kmeans_lut, nbits: 4, lut_dtype: fp16, rules: [big]}\n")
+    err = _problems(capsys)
+    assert "op 'fc1_weight_0' (const) (fc1.weight): lut_dtype fp16 on a fp32 weight: a LUT has the weight's own float type" in err, err
+    _recipe(root, "- {mode: kmeans_lut, nbits: 4, lut_dtype: fp32, rules: [big]}\n")
+    assert main(["validate", "r.yaml"]) == 0
