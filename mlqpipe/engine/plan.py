@@ -149,6 +149,8 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             problems.append(_problem(recipe, at, f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}': {rec.where}: "
                                      f"{misfit} — selected by rule '{match.rule}'",
                                      "change the stage's settings, or exclude this weight from its rules"))
+        if action == "quantize" and len(shared := getattr(rec, "functions", ())) > 1:
+            reason += f"; one weight shared by functions {', '.join(shared)}"
         after[rec.id] = new
         decisions.append(
             Decision(rec.id, rec.layer, rec.layer_type, rec.field_path, tuple(rec.shape or ()), stage.name, action, match.rule,

@@ -304,3 +304,19 @@ def test_a_float_lut_dtype_must_be_the_weights_own(project, capsys):
     assert "op 'fc1_weight_0' (const) (fc1.weight): lut_dtype fp16 on a fp32 weight: a LUT has the weight's own float type" in err, err
     _recipe(root, "- {mode: kmeans_lut, nbits: 4, lut_dtype: fp32, rules: [big]}\n")
     assert main(["validate", "r.yaml"]) == 0
+
+
+def test_a_weight_shared_by_functions_is_compressed_once_and_the_plan_says_which(project, capsys):
+    root = project("multifunction_ios18")
+    _recipe(root, "- {mode: kmeans_lut, nbits: 4, rules: [w]}\n", rules="w: {field: weight}")
+    assert main(["plan", "r.yaml"]) == 0
+    assert "fc1_weight_0  const  128x64  float32 -> lut4  32768 -> 4160  rule 'w'; one weight shared by functions main_a, " \
+           "main_b" in capsys.readouterr().out
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    out = mlqpipe.load_model(root / "out" / "m.q.mlpackage")
+    sites = [s for s in walk(out.spec.mlProgram, out.source) if s.name == "fc1_weight_0"]
+    assert len(sites) == 2 and {s.op.type for s in sites} == {"constexpr_lut_to_dense"}
+    refs = {(e.key, b.value.blobFileValue.offset) for s in sites for e in s.op.inputs for b in e.value.arguments
+            if b.HasField("value") and b.value.HasField("blobFileValue")}
+    assert len(refs) == 2  # indices and LUT, stored once for both functions
+    assert {r.id for r in mlqpipe.inventory(out) if r.compressed} == {"fc1_weight_0", "fc2_weight_0", "main_b/fc2_weight_0"}
