@@ -131,7 +131,8 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             else:
                 action, reason, new = "quantize", f"rule '{match.rule}'", storage_after(stage)
         elif st.is_quantized and stage.joint and hasattr(fmt, "compressed_result"):
-            action, reason, new = "quantize", f"rule '{match.rule}', joint with {st}", storage_after(stage)
+            # the outer form stays (a sparse weight with palettized nonzero values is still sparse)
+            action, reason, new = "quantize", f"rule '{match.rule}', joint: {storage_after(stage)} on top of {st}", st
         elif st.is_quantized:
             action, reason = "error", f"already quantized ({st})"
             problems.append(_problem(recipe, at + ("rules",),

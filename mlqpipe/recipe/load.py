@@ -384,18 +384,27 @@ def _check_collisions(jobs: list[ModelJob], doc, problems) -> None:
 
 
 def check_recipe_collisions(recipes: list[Recipe]) -> list[Problem]:
-    """Two recipes writing the same output: a problem naming both."""
+    """Two recipes writing the same output, or two models (of any recipes) the same report file — e.g.
+    m.q.mlmodel and m.q.mlpackage, whose reports are both m.q.report.json: a problem naming both."""
     seen: dict = {}
     problems = []
     for r in recipes:
         for job in r.models:
-            key = job.output.resolve()
-            if key in seen and seen[key][0] is not r:
+            file, line, col = r.locations.get(("models", job.entry), (str(r.path), 0, 0))
+            written = [("output", job.output)] + [("report", p) for p in r.written_reports(job)]
+            for what, path in written:
+                key = path.resolve()
+                if key not in seen:
+                    seen[key] = (r, job)
+                    continue
                 other, other_job = seen[key]
-                file, line, col = r.locations.get(("models", job.entry), (str(r.path), 0, 0))
-                problems.append(Problem(file, line, col, f"models[{job.entry}].output",
-                                        f"output '{_shown(job.output)}' is also written by {_shown(other.path)} (models[{other_job.entry}])",
-                                        "each output must come from one recipe"))
-            else:
-                seen.setdefault(key, (r, job))
+                if what == "output" and other is not r:
+                    problems.append(Problem(file, line, col, f"models[{job.entry}].output",
+                                            f"output '{_shown(job.output)}' is also written by {_shown(other.path)} (models[{other_job.entry}])",
+                                            "each output must come from one recipe"))
+                elif what == "report" and other_job is not job and (other is not r or other_job.output != job.output):
+                    by = f"{_shown(other.path)} (models[{other_job.entry}], {_shown(other_job.input)})"
+                    problems.append(Problem(file, line, col, f"models[{job.entry}]",
+                                            f"report '{_shown(path)}' of {_shown(job.input)} is also written for {by}",
+                                            "give this recipe a report path of its own, e.g. report: {path: 'build/{stem}.{recipe}'}"))
     return problems

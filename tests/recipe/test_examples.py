@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import mlqpipe
+from mlqpipe.artifacts import digest
 from mlqpipe.formats.nn.check import check_spec
+from mlqpipe.formats.registry import format_of
 from mlqpipe.engine.execute import quantize_recipe
 from mlqpipe.engine.plan import plan_recipe
 from mlqpipe.recipe import load_recipe
@@ -31,14 +33,14 @@ def test_example_validates_plans_and_builds(copy, name):
     recipe = load_recipe(copy / name)
     plans, problems = plan_recipe(recipe)
     assert problems == []
-    inputs = {job.input: job.input.read_bytes() for job in recipe.models}
+    inputs = {job.input: digest(job.input) for job in recipe.models}
     for job, stage_plans in quantize_recipe(recipe):
         out = mlqpipe.load_model(job.output)
-        assert check_spec(out.spec) == []
+        assert [f for f in format_of(out).check(out) if f.severity == "error"] == []
         planned = {d.id: d.storage_after for sp in stage_plans for d in sp.decisions if d.action == "quantize"}
-        actual = {r.id: str(r.storage) for r in mlqpipe.inventory(out.spec)}
+        actual = {r.id: str(r.storage) for r in mlqpipe.inventory(out)}
         assert planned and all(actual[i] == s for i, s in planned.items() if i in actual)
-    assert all(p.read_bytes() == b for p, b in inputs.items())  # inputs untouched
+    assert all(digest(p) == d for p, d in inputs.items())  # inputs untouched
 
 
 def test_build_is_deterministic(copy):
