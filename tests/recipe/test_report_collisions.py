@@ -11,7 +11,7 @@ version: 1
 models:
   - {{input: {model}, output: 'out/{{stem}}.q.{suffix}'}}
 rules:
-  all: {{field: 'weight*'}}
+  all: {rule}
 stages:
   - {{mode: fp16, rules: [all]}}
 """
@@ -21,8 +21,8 @@ def test_reports_of_two_recipes_on_one_file_are_a_located_problem(tmp_path, monk
     demo = REPO / "pipelines" / "demo"
     shutil.copy(demo / "digits_mlp.mlmodel", tmp_path / "m.mlmodel")
     shutil.copytree(demo / "digits_mlp.mlpackage", tmp_path / "m.mlpackage")
-    (tmp_path / "nn.yaml").write_text(RECIPE.format(model="m.mlmodel", suffix="mlmodel"))
-    (tmp_path / "ml.yaml").write_text(RECIPE.format(model="m.mlpackage", suffix="mlpackage"))
+    (tmp_path / "nn.yaml").write_text(RECIPE.format(model="m.mlmodel", suffix="mlmodel", rule="{layer: '*'}"))
+    (tmp_path / "ml.yaml").write_text(RECIPE.format(model="m.mlpackage", suffix="mlpackage", rule="{field: weight}"))
     monkeypatch.chdir(tmp_path)
     assert main(["validate", "nn.yaml", "ml.yaml"]) == 2
     err = capsys.readouterr().err
