@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize_weights": "mlqpipe.engine.compat",
+    "linear_quantize_weights": "mlqpipe.optimize.api",  # ML programs: coremltools.optimize.coreml's functions
+    "palettize_weights": "mlqpipe.optimize.api",
+    "prune_weights": "mlqpipe.optimize.api",
+    "decompress_weights": "mlqpipe.optimize.api",
     "QuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
     "AdvancedQuantizedLayerSelector": "mlqpipe.engine.ct_selectors",
     "MatrixMultiplyLayerSelector": "mlqpipe.engine.ct_selectors",

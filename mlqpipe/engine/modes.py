@@ -212,7 +212,8 @@ def kernel_settings(rec: WeightRecord, settings: ModeSettings) -> kernels.Kernel
              "cluster_dim", "per_channel_scale", "lut_dtype", "target_sparsity", "threshold", "minimum_sparsity",
              "prune_block_size", "n_m", "dim")
     return kernels.KernelSettings(nbits=settings.nbits, axis=rec.axis, where=rec.where, mode=mode_named(settings.mode).name,
-                                  input_axis=getattr(rec, "input_axis", None), **{n: getattr(settings, n) for n in names})
+                                  input_axis=getattr(rec, "input_axis", None), conv_groups=getattr(rec, "conv_groups", ()),
+                                  **{n: getattr(settings, n) for n in names})
 
 
 def _run(mode: Mode, rec: WeightRecord, fmt, ks: kernels.KernelSettings, joint: bool):

@@ -31,8 +31,8 @@ weight is left alone); `select` keeps the chosen ones. The rules, in coremltools
 Differences from coremltools: an op_name_configs key that names no op holding or reading a weight is an
 error with the closest names (coremltools ignores it silently), and multi-function models are selected
 across all functions (records already merge a weight shared by functions; coremltools refuses them).
-Vector palettization's per-group check for grouped conv (is_cluster_dim_valid) needs the op's `groups`,
-which records do not carry: the kernel checks it.
+Vector palettization of a grouped convolution's weight needs cluster_dim to divide each group's channels
+(coremltools' is_cluster_dim_valid; records carry the readers' `groups`).
 """
 
 from __future__ import annotations
@@ -210,6 +210,12 @@ def _palette_skip(rec, chosen: OpPalettizerConfig, sizes: tuple[int, ...]) -> st
         return f"axis {axis} ({rec.shape[axis]}) is not divisible by group_size {group}"
     if group % chosen.cluster_dim:
         return f"the group of {group} channels on axis {axis} is not divisible by cluster_dim {chosen.cluster_dim}"
+    for g in getattr(rec, "conv_groups", ()) if chosen.cluster_dim > 1 else ():  # coremltools' is_cluster_dim_valid
+        per_group = list(rec.shape)
+        per_group[0] //= g
+        if per_group[axis] % chosen.cluster_dim:
+            return (f"cluster_dim {chosen.cluster_dim} does not divide the {per_group[axis]} channels on axis {axis} of each of "
+                    f"the {g} convolution groups")
     return ""
 
 

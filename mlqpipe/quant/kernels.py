@@ -42,6 +42,7 @@ class KernelSettings:
     prune_block_size: int | None = None
     n_m: tuple[int, int] | None = None
     dim: int | None = None
+    conv_groups: tuple[int, ...] = ()  # groups of the convolutions reading the weight (vector LUTs respect them)
 
 
 def float32(values: np.ndarray, s: KernelSettings) -> Float32Result:
@@ -198,6 +199,12 @@ def shape_problem(shape: tuple[int, ...], s: KernelSettings) -> str | None:
             return f"the {shape[axis]} channels on axis {axis} are not a multiple of group_size {size}"
         if size % p.cluster_dim:
             return f"the group of {size} channels on axis {axis} is not a multiple of cluster_dim {p.cluster_dim}"
+        for g in s.conv_groups if p.cluster_dim > 1 else ():  # a vector must not span two convolution groups
+            per_group = list(shape)
+            per_group[0] //= g
+            if per_group[axis] % p.cluster_dim:
+                return (f"a convolution reads it in {g} groups of {per_group[axis]} channels on axis {axis}, not a multiple "
+                        f"of cluster_dim {p.cluster_dim}")
         return None
     if s.mode == "prune" and (s.prune_block_size or s.n_m):
         dim = (0 if s.prune_block_size else 1) if s.dim is None else s.dim

@@ -93,6 +93,7 @@ class MLWeightRecord(BaseRecord):
     consumers: tuple[Consumer, ...]
     functions: tuple[str, ...]
     feeds_only_outputs: bool
+    conv_groups: tuple[int, ...] = ()  # `groups` of each conv / conv_transpose reading it as its weight
     stored: int = 0  # bytes as stored, parameters included
 
     CONDITIONS: ClassVar[frozenset[str]] = frozenset({"function", "in_channels", "out_channels", "position"})
@@ -248,6 +249,27 @@ def _flag(fn: _Function, model, site: OpSite, name: str) -> bool | None:
     return _bool(model, const_value(found[0].op))
 
 
+def _int(fn: _Function, model, site: OpSite, name: str, default: int) -> int | None:
+    """An int parameter of a consumer (conv's groups): `default` when absent, None when unknown."""
+    bound = bound_names(site.op).get(name)
+    if bound:
+        found = fn.producers.get(bound[0])
+        value = const_value(found[0].op) if found is not None and found[0].op.type == "const" else None
+    else:
+        entry = proto.find_entry(site.op.inputs, name)
+        if entry is None:
+            return default
+        literal = [b.value for b in entry.arguments if b.WhichOneof("binding") == "value"]
+        value = literal[0] if literal else None
+    if value is None:
+        return None
+    try:
+        v = np.asarray(constexpr.read_value(model, value, model.source))
+    except ModelError:
+        return None
+    return int(v.reshape(-1)[0]) if v.size == 1 and v.dtype.kind in "iu" else None
+
+
 def _bool(model, value) -> bool | None:
     try:
         v = np.asarray(constexpr.read_value(model, value, model.source))
@@ -364,11 +386,14 @@ def _record(model, group: list[tuple[_Function, _Found]], default: str | None) -
     consumers: list[Consumer] = []
     outs: list[int | None] = []
     ins: list[int | None] = []
+    groups: list[int] = []
     for fn, f in group:
         for site, param in f.consumers:
             c = Consumer(site.name, site.op.type, param)
             if c not in consumers:
                 consumers.append(c)
+            if site.op.type in ("conv", "conv_transpose") and param == "weight":
+                groups.append(_int(fn, model, site, "groups", 1) or 1)
             o, i = channel_axes(fn, model, site, param)
             outs.append(o)
             ins.append(i)
@@ -390,6 +415,7 @@ def _record(model, group: list[tuple[_Function, _Found]], default: str | None) -
         consumers=tuple(consumers),
         functions=tuple(dict.fromkeys(fn.name for fn, _ in group)),
         feeds_only_outputs=only_outputs,
+        conv_groups=tuple(groups),
         stored=first.stored,
         handle=WeightHandle(model, tuple(f.site for _, f in group), first.output, fn0.producers),
     )

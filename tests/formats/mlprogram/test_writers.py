@@ -12,7 +12,8 @@ from mlqpipe.formats.mlprogram.writers import write_result
 from mlqpipe.quant.results import Float16Result, Float32Result
 
 PLAIN = ["mlp_ios16_fp32", "mlp_ios18_fp32", "conv_ios16", "shared_const_ios16", "multifunction_ios18"]
-COMPRESSED = ["ios16_affine", "ios16_lut", "ios16_sparse", "ios18_int4_block", "ios18_lut_grouped", "ios18_joint_sparse_lut"]
+COMPRESSED = ["ios16_affine", "ios16_lut", "ios16_sparse", "ios18_int4_block", "ios18_lut_grouped", "ios18_joint_sparse_lut",
+              "ios18_joint_sparse_int8", "ios18_lut_channel_scale"]
 
 
 def _compress(model):
@@ -103,6 +104,8 @@ IOS18_KINDS = {
     "lut4_grouped": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=4, granularity="per_grouped_channel",
                                                                         group_size=16), palette.depalettize),
     "lut3": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=3), palette.depalettize),
+    "lut4_per_channel_scale": lambda: (palette.palettize, palette.PaletteSettings(mode="uniform", nbits=4, enable_per_channel_scale=True),
+                                       palette.depalettize),
 }
 CASES = [("mlp_ios16_fp32", k) for k in KINDS] + [("mlp_ios18_fp32", k) for k in [*KINDS, *IOS18_KINDS]]
 
@@ -130,7 +133,8 @@ def test_compressed_weights_decode_in_coremltools_as_we_meant(mlpackage, tmp_pat
 
 
 @pytest.mark.parametrize("kind, message", [("int4_per_block", "int4 codes needs iOS18"), ("lut3", "a 3-bit LUT needs iOS18"),
-                                           ("lut4_grouped", "per-grouped-channel or vector palettization needs iOS18")])
+                                           ("lut4_grouped", "per-grouped-channel or vector palettization needs iOS18"),
+                                           ("lut4_per_channel_scale", "a per-channel-scaled LUT needs iOS18")])
 def test_ios18_only_forms_are_refused_on_ios16(mlpackage, kind, message):
     kernel, settings, _ = IOS18_KINDS[kind]()
     model = mlqpipe.load_model(mlpackage("mlp_ios16_fp32"))
