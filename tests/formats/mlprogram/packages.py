@@ -26,6 +26,22 @@ What is in each package:
 - torch_cnn: a tiny torch CNN (conv, relu, flatten -> reshape, linear) converted from TorchScript with
   coremltools' defaults for iOS16: fp16 weights and fp16 input "image" [1, 3, 8, 8], default pass pipeline,
   metadata with the conversion date. Needs torch; skipped without it.
+- mx_* (MATRIX, built by `build_matrix`; not in CATALOG): the per-weight equality matrix's models
+  (tests/optimize/test_matrix.py), every weight > 2048
+  elements (the default weight_threshold), from fixed seeds, plain programs (EMPTY pass pipeline):
+  mx_dense_ios16/17/18: x [50, 64] -> matmul "mm_y" (const y [64, 72]) -> "mm_yt" (y [80, 72],
+  transpose_y) -> "mm_x" (const x [60, 50]) -> "mm_xt" (x [60, 56], transpose_x) -> linear "fc" [48, 80] +
+  bias 48. mx_conv_ios16/18: x [1, 16, 6, 6] -> conv "conv" [32, 16, 3, 3] + bias -> depthwise "dwconv"
+  [32, 1, 9, 9] (groups 32) -> grouped "gconv" [32, 8, 3, 3] (groups 4) -> conv_transpose "deconv"
+  [32, 16, 3, 3] -> grouped conv_transpose "gdeconv" [16, 8, 5, 5] (groups 2). mx_misc_ios17/18: ids
+  int32 [1, 8] -> gather "embed" [100, 32] -> lstm "lstm" (weight_ih, weight_hh [128, 32]) -> const
+  "w_shared" [72, 32] read by linears "fc_a" and "fc_b" -> const "w_conflict" [72, 72] read by linear
+  "fc_c" (axes 0/1) and matmul "mm_c" (y: axes 1/0; coremltools skips it). mx_fp16_ios16/18: fp16 consts
+  between casts, linear "fc" [128, 96] (12,288 elements) + bias, matmul "mm" y [128, 84] (10,752): the
+  k-means of both runs coremltools' exact kmeans1d. mx_unique_ios16/18: linears with few distinct values
+  (fc1 [64, 48]: 4 on iOS16, 5 on iOS18; fc2 [80, 64]: 16; fc3 [40, 80]: 50) for unique palettization.
+  mx_torch_ios18: a torch Conv2d(8, 32, 3) + Embedding(64, 40) + Linear(72, 40) model converted with
+  coremltools' defaults for iOS18 (fp16 weights; needs torch).
 """
 
 from __future__ import annotations
@@ -318,6 +334,166 @@ def _torch_cnn(path: Path) -> None:
     _save(mlmodel, path)
 
 
+# -- matrix models (tests/optimize/test_matrix.py) -----------------------------------------------------------
+
+
+def _mx_dense(ios: int) -> Callable[[Path], None]:
+    """matmuls with a const y / x under every transpose flag, and a linear with bias."""
+
+    def make(path: Path) -> None:
+        from coremltools.converters.mil.mil import Builder as mb
+
+        wy, wyt, wx, wxt, wfc, bfc = _weights(10, (64, 72), (80, 72), (60, 50), (60, 56), (48, 80), (48,))
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(50, 64))], opset_version=_target(ios))
+        def prog(x):
+            h = mb.matmul(x=x, y=wy, name="mm_y")  # [50, 72]
+            h = mb.matmul(x=h, y=wyt, transpose_y=True, name="mm_yt")  # [50, 80]
+            h = mb.matmul(x=wx, y=h, name="mm_x")  # [60, 80]
+            h = mb.matmul(x=wxt, y=h, transpose_x=True, name="mm_xt")  # [56, 80]
+            return mb.linear(x=h, weight=wfc, bias=bfc, name="fc")  # [56, 48]
+
+        _save(_convert(prog, ios), path)
+
+    return make
+
+
+def _mx_conv(ios: int) -> Callable[[Path], None]:
+    """conv (groups 1, depthwise, grouped) and conv_transpose (groups 1 and 2)."""
+
+    def make(path: Path) -> None:
+        from coremltools.converters.mil.mil import Builder as mb
+
+        w, b, wd, wg, wt, wtg = _weights(11, (32, 16, 3, 3), (32,), (32, 1, 9, 9), (32, 8, 3, 3), (32, 16, 3, 3), (16, 8, 5, 5))
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 16, 6, 6))], opset_version=_target(ios))
+        def prog(x):
+            x = mb.relu(x=mb.conv(x=x, weight=w, bias=b, pad_type="same", name="conv"), name="relu")
+            x = mb.conv(x=x, weight=wd, groups=32, pad_type="same", name="dwconv")
+            x = mb.conv(x=x, weight=wg, groups=4, pad_type="same", name="gconv")  # [1, 32, 6, 6]
+            x = mb.conv_transpose(x=x, weight=wt, pad_type="same", name="deconv")  # [1, 16, 6, 6]
+            return mb.conv_transpose(x=x, weight=wtg, groups=2, pad_type="same", name="gdeconv")  # [1, 16, 6, 6]
+
+        _save(_convert(prog, ios), path)
+
+    return make
+
+
+def _mx_misc(ios: int) -> Callable[[Path], None]:
+    """gather (embedding), lstm, a const shared by two linears, a const read with conflicting axes."""
+
+    def make(path: Path) -> None:
+        from coremltools.converters.mil.mil import Builder as mb
+        from coremltools.converters.mil.mil import types
+
+        emb, w_ih, w_hh, w_shared, w_conflict = _weights(12, (100, 32), (128, 32), (128, 32), (72, 32), (72, 72))
+        h0 = np.zeros((1, 32), np.float32)
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 8), dtype=types.int32)], opset_version=_target(ios))
+        def prog(ids):
+            e = mb.gather(x=emb, indices=ids, axis=0, name="embed")  # [1, 8, 32]
+            seq = mb.transpose(x=e, perm=[1, 0, 2], name="time_major")  # [8, 1, 32]
+            _, h, _ = mb.lstm(x=seq, initial_h=h0, initial_c=h0, weight_ih=w_ih, weight_hh=w_hh, name="lstm")
+            shared = mb.const(val=w_shared, name="w_shared")
+            a = mb.linear(x=h, weight=shared, name="fc_a")  # [1, 72]
+            b = mb.linear(x=mb.relu(x=h, name="relu_h"), weight=shared, name="fc_b")
+            conflict = mb.const(val=w_conflict, name="w_conflict")
+            c = mb.linear(x=a, weight=conflict, name="fc_c")
+            d = mb.matmul(x=b, y=conflict, name="mm_c")
+            return mb.add(x=c, y=d, name="sum")
+
+        _save(_convert(prog, ios), path)
+
+    return make
+
+
+def _mx_fp16(ios: int) -> Callable[[Path], None]:
+    """fp16 weights of >= 10,000 elements (coremltools' k-means is the exact kmeans1d for them)."""
+
+    def make(path: Path) -> None:
+        from coremltools.converters.mil.mil import Builder as mb
+
+        w, b, y = _weights(13, (128, 96), (128,), (128, 84), dtype=np.float16)
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 96))], opset_version=_target(ios))
+        def prog(x):
+            x = mb.cast(x=x, dtype="fp16", name="x_fp16")
+            x = mb.relu(x=mb.linear(x=x, weight=w, bias=b, name="fc"), name="relu")  # [1, 128]
+            return mb.cast(x=mb.matmul(x=x, y=y, name="mm"), dtype="fp32", name="y")
+
+        _save(_convert(prog, ios), path)
+
+    return make
+
+
+def _few_values(rng, shape, count: int) -> np.ndarray:
+    """A weight holding exactly `count` distinct values (unique palettization)."""
+    table = np.sort(rng.standard_normal(count) * 0.1).astype(np.float32)
+    picks = np.concatenate([np.arange(count), rng.integers(0, count, int(np.prod(shape)) - count)])
+    return table[rng.permutation(picks)].reshape(shape)
+
+
+def _mx_unique(ios: int) -> Callable[[Path], None]:
+    def make(path: Path) -> None:
+        from coremltools.converters.mil.mil import Builder as mb
+
+        rng = np.random.default_rng(14)
+        w1 = _few_values(rng, (64, 48), 4 if ios < 18 else 5)
+        w2 = _few_values(rng, (80, 64), 16)
+        w3 = _few_values(rng, (40, 80), 50)
+
+        @mb.program(input_specs=[mb.TensorSpec(shape=(1, 48))], opset_version=_target(ios))
+        def prog(x):
+            x = mb.relu(x=mb.linear(x=x, weight=w1, name="fc1"), name="relu1")
+            x = mb.relu(x=mb.linear(x=x, weight=w2, name="fc2"), name="relu2")
+            return mb.linear(x=x, weight=w3, name="fc3")
+
+        _save(_convert(prog, ios), path)
+
+    return make
+
+
+def _mx_torch_ios18(path: Path) -> None:
+    """A torch conv + embedding + linear, converted with coremltools' defaults (fp16, default passes)."""
+    import torch
+
+    ct = _ct()
+    torch.manual_seed(1)
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 32, kernel_size=3, padding=1)
+            self.embed = torch.nn.Embedding(64, 40)
+            self.fc = torch.nn.Linear(72, 40)
+
+        def forward(self, image, ids):
+            a = torch.relu(self.conv(image)).mean(dim=(2, 3))
+            return self.fc(torch.cat([a, self.embed(ids).mean(dim=1)], dim=1))
+
+    image, ids = torch.rand(1, 8, 6, 6), torch.randint(0, 64, (1, 5))
+    traced = torch.jit.trace(Mixed().eval(), (image, ids))
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name="image", shape=image.shape), ct.TensorType(name="ids", shape=ids.shape, dtype=np.int32)],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        skip_model_load=True,
+    )
+    _save(mlmodel, path)
+
+
+MATRIX: dict[str, Callable[[Path], None]] = {
+    **{f"mx_dense_ios{ios}": _mx_dense(ios) for ios in (16, 17, 18)},
+    **{f"mx_conv_ios{ios}": _mx_conv(ios) for ios in (16, 18)},
+    **{f"mx_misc_ios{ios}": _mx_misc(ios) for ios in (17, 18)},
+    **{f"mx_fp16_ios{ios}": _mx_fp16(ios) for ios in (16, 18)},
+    **{f"mx_unique_ios{ios}": _mx_unique(ios) for ios in (16, 18)},
+    "mx_torch_ios18": _mx_torch_ios18,
+}
+MATRIX_NEEDS_TORCH = frozenset({"mx_torch_ios18"})
+
+
 # -- the catalog ---------------------------------------------------------------------------------------------
 
 CATALOG: dict[str, Callable[[Path], None]] = {
@@ -362,6 +538,16 @@ def build(name: str, directory: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
     CATALOG[name](path)
+    return path
+
+
+def build_matrix(name: str, directory: Path) -> Path:
+    """`build` for the matrix models (MATRIX: kept out of CATALOG, whose every package the format tests
+    walk)."""
+    path = Path(directory) / f"{name}.mlpackage"
+    if path.exists():
+        shutil.rmtree(path)
+    MATRIX[name](path)
     return path
 
 
