@@ -62,16 +62,22 @@ def stage_rows(models: list, stages, decisions_by_stage: list | None = None) -> 
         rules = {d.id: d.rule for d in decisions_by_stage[i]} if decisions_by_stage else {}
         for rec in fmt.inventory(models[i + 1]):
             old = before.get(rec.id)
-            if old is None or str(old.storage) == str(rec.storage):
+            if old is None or old.storage.describe() == rec.storage.describe():  # the detail shows a joint stage
                 continue
             snr, max_abs, rel = _metrics(old.values(), rec.values(count=old.count))
             rows.append({
                 "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.field_path,
-                "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits,
+                "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits or _dtype_bits(stage),
                 "bytes_before": old.nbytes, "bytes_after": rec.nbytes,
                 "snr_db": snr, "max_abs_error": max_abs, "relative_l2_error": rel, "rule": rules.get(rec.id),
             })
     return rows
+
+
+def _dtype_bits(stage) -> int | None:
+    """An ML-program linear stage says its bits with dtype (int4, uint8, ...)."""
+    dtype = getattr(stage, "dtype", None)
+    return int(dtype[-1]) if dtype else None
 
 
 def flags(rows: list[dict], restoring=frozenset()) -> list[dict]:

@@ -320,3 +320,29 @@ def test_a_weight_shared_by_functions_is_compressed_once_and_the_plan_says_which
             if b.HasField("value") and b.value.HasField("blobFileValue")}
     assert len(refs) == 2  # indices and LUT, stored once for both functions
     assert {r.id for r in mlqpipe.inventory(out) if r.compressed} == {"fc1_weight_0", "fc2_weight_0", "main_b/fc2_weight_0"}
+
+
+def test_a_joint_stage_compresses_on_top_and_the_report_shows_both_stages(project, capsys):
+    from mlqpipe.quant.joint import dense, palettize_nonzero
+
+    root = project()
+    _recipe(root, "- {name: prune, mode: prune, target_sparsity: 0.5, rules: [big]}\n"
+                  "- {name: lut, mode: kmeans_lut, nbits: 4, joint: true, rules: [big]}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    before, after = _by_id(root / "m.mlpackage"), _by_id(root / "out" / "m.q.mlpackage")
+    for i in ("fc1_weight_0", "fc2_weight_0"):
+        assert after[i].layer_type == "constexpr_lut_to_sparse+constexpr_sparse_to_dense"
+        pruned = prune(before[i].native_values(), PruneSettings(target_sparsity=0.5))
+        want = dense(palettize_nonzero(pruned, PaletteSettings(mode="kmeans", nbits=4, channel_axis=before[i].axis)))
+        assert np.array_equal(after[i].values(), want.astype(np.float32))
+    report = json.loads((root / "out" / "m.q.report.json").read_text())
+    assert [(w["id"], w["stage"], w["nbits"]) for w in report["weights"]] == [
+        ("fc1_weight_0", "prune", None), ("fc2_weight_0", "prune", None), ("fc1_weight_0", "lut", 4), ("fc2_weight_0", "lut", 4)]
+
+
+def test_report_rows_of_a_dtype_stage_give_its_bits(project, capsys):
+    root = project()
+    _recipe(root, "- {mode: linear, dtype: int4, granularity: per_block, rules: [big]}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    report = json.loads((root / "out" / "m.q.report.json").read_text())
+    assert {w["nbits"] for w in report["weights"]} == {4}
