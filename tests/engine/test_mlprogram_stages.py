@@ -346,3 +346,35 @@ def test_report_rows_of_a_dtype_stage_give_its_bits(project, capsys):
     assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
     report = json.loads((root / "out" / "m.q.report.json").read_text())
     assert {w["nbits"] for w in report["weights"]} == {4}
+
+
+# a recipe stage and the coremltools-style API call it corresponds to give the same weights
+SAME_AS_API = [
+    ("{mode: linear_symmetric, rules: [big]}", "linear_quantize_weights", "OpLinearQuantizerConfig", {}),
+    ("{mode: linear, dtype: uint4, granularity: per_block, block_size: 16, rules: [big]}", "linear_quantize_weights",
+     "OpLinearQuantizerConfig", dict(mode="linear", dtype="uint4", granularity="per_block", block_size=16)),
+    ("{mode: linear_lut, nbits: 6, granularity: per_grouped_channel, group_size: 8, rules: [big]}", "palettize_weights",
+     "OpPalettizerConfig", dict(mode="uniform", nbits=6, granularity="per_grouped_channel", group_size=8)),
+    ("{mode: kmeans_lut, nbits: 2, cluster_dim: 4, rules: [big]}", "palettize_weights", "OpPalettizerConfig",
+     dict(mode="kmeans", nbits=2, cluster_dim=4)),
+    ("{mode: prune, n_m: [1, 4], dim: 0, rules: [big]}", "prune_weights", "OpMagnitudePrunerConfig", dict(n_m_ratio=(1, 4), dim=0)),
+    ("{mode: prune, threshold: 0.05, minimum_sparsity: 0.3, rules: [big]}", "prune_weights", "OpThresholdPrunerConfig",
+     dict(threshold=0.05, minimum_sparsity_percentile=0.3)),
+]
+
+
+@pytest.mark.parametrize("stage, function, config, kwargs", SAME_AS_API)
+def test_a_recipe_stage_gives_the_weights_of_the_matching_api_call(project, capsys, stage, function, config, kwargs):
+    import mlqpipe.optimize as opt
+
+    root = project()
+    _recipe(root, f"- {stage}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    cfg = opt.OptimizationConfig(global_config=getattr(opt, config)(weight_threshold=2048, **kwargs))
+    api = getattr(mlqpipe, function)(root / "m.mlpackage", cfg)
+    ours, theirs = _by_id(root / "out" / "m.q.mlpackage"), {r.id: r for r in mlqpipe.inventory(api)}
+    compressed = {i for i, r in ours.items() if r.compressed}
+    assert compressed and compressed == {i for i, r in theirs.items() if r.compressed}
+    for i in compressed:
+        assert ours[i].layer_type == theirs[i].layer_type and ours[i].storage.describe() == theirs[i].storage.describe()
+        assert np.array_equal(ours[i].values(), theirs[i].values()), i
