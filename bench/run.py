@@ -1,11 +1,12 @@
 """mlqpipe benchmarks: side by side with coremltools 9.0 and with the I/O floor, in one run.
 
-    python bench/run.py [--quick] [--only nn|mlprogram] [--skip-2gb] [--json bench/results.json] [--markdown bench/RESULTS.md]
+    python bench/run.py [--quick] [--only nn|mlprogram] [--skip-2gb] [--fresh-coremltools] [--json bench/results.json] [--markdown bench/RESULTS.md]
 
 Models are generated here, deterministically (no downloads): a small CNN, a 4096x1024 innerProduct, a
 ~50 MB multi-layer model, an LSTM model, and 50 small models with one recipe each. Every timing is the
 median of several runs. The ML-program section (bench/mlprogram.py: ~4M-, ~50M- and ~500M-weight
-.mlpackages, built once with coremltools and cached) times open + inventory + save against its I/O floor.
+.mlpackages, built once with coremltools and cached) times open + inventory + save against its I/O floor,
+and compression (mlqpipe.optimize vs coremltools.optimize.coreml, end to end, and vs the floor + one int8 pass).
 Prints PASS/FAIL per target and exits 1 if any target fails.
 """
 
@@ -265,6 +266,8 @@ def main() -> int:
     ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--only", choices=("nn", "mlprogram"), help="run one section only")
     ap.add_argument("--skip-2gb", action="store_true", help="ML programs: leave out the ~500M-weight (2 GB) package")
+    ap.add_argument("--fresh-coremltools", action="store_true",
+                    help="ML programs: measure coremltools' compression rows again instead of taking cached ones (its 50M k-means takes minutes)")
     args = ap.parse_args()
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}",
                      "targets": []}
@@ -272,7 +275,8 @@ def main() -> int:
     if args.only != "mlprogram":
         nn_bench(results, 1 if args.quick else 3)
     if args.only != "nn":
-        results["mlprogram"] = mlprogram.bench(skip_2gb=args.skip_2gb, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+        results["mlprogram"] = mlprogram.bench(skip_2gb=args.skip_2gb, quick=args.quick, fresh_coremltools=args.fresh_coremltools,
+                                               log=lambda m: print(m, file=sys.stderr))
     results["seconds"] = time.perf_counter() - t_start
     results["targets"] = (targets(results) if "modes" in results else []) + (mlprogram.targets(results["mlprogram"]) if "mlprogram" in results else [])
     report(results, args)
