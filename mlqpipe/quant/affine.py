@@ -104,12 +104,14 @@ def linear_quantize(values: np.ndarray, s: AffineSettings) -> AffineResult:
         raise ValueError(f"the weight's value range exceeds {w.dtype}; quantize it from float32 values")
     scale = span / (qmax - qmin)  # in the weight's dtype, as coremltools
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q = np.round(blocked / scale)
+        q = np.divide(blocked, scale)  # the one temporary: every later step works in place
+        np.rint(q, out=q)  # round half to even, as np.round
         zero_point = _zero_point(lo, hi, span, qmin, qmax, s)
         if zero_point is not None:
-            q += zero_point
-    q = np.clip(q, qmin, qmax)
-    q[np.isnan(q)] = 0  # 0/0 in an all-zero (or underflowed) block: coremltools' cast gives 0
+            np.add(q, zero_point, out=q)
+    np.clip(q, qmin, qmax, out=q)
+    if not np.all(scale):
+        q[np.isnan(q)] = 0  # 0/0 in an all-zero (or underflowed) block: coremltools' cast gives 0
     np_int = np.int8 if DTYPES[s.dtype][1] else np.uint8
     data = q.reshape(w.shape).astype(np_int)
     if zero_point is not None:

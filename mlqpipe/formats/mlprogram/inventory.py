@@ -152,12 +152,13 @@ class MLWeightRecord(BaseRecord):
         return np.asarray(got, dtype=np.float32)
 
     def native_values(self) -> np.ndarray:
-        """A const's values in its own dtype (fp16 or fp32), one copy out of the weight file's mapping."""
+        """A const's values in its own dtype (fp16 or fp32): a read-only view of the weight file's mapping
+        (no copy; a kernel writing into it fails loudly), or a decoded compressed weight."""
         handle: WeightHandle = self.handle
         model, site = handle.model, handle.site
         if site.op.type != "const":
             return self.values()
-        return np.array(model.value_array(const_value(site.op), f"{model.source}: op '{site.name}' (const)"))
+        return np.asarray(model.value_array(const_value(site.op), f"{model.source}: op '{site.name}' (const)"))
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ def replace_const(rec, op_type: str, params: list[Param], upstream: list[Upstrea
     values = _values(model, params, ios18, names)
     for site in rec.handle.sites:
         old = _old_upstream(model, site)
+        released = _blob_refs(site.op)
         if built:
             block = _block_of(model, site)
             at = next(i for i, op in enumerate(block.operations) if op_name(op) == site.name)
@@ -104,6 +105,24 @@ def replace_const(rec, op_type: str, params: list[Param], upstream: list[Upstrea
                 block.operations.insert(at + k, op)
         _rewrite_op(site.op, op_type, values, ios18)
         _drop_unused_constexprs(model, site, old)
+        _release(model, released)
+
+
+def _blob_refs(op) -> list[tuple[str, int]]:
+    """(file name, offset) of the input weight-file blobs an op's parameters point at."""
+    values = [e.value for e in op.attributes] + [b.value for e in op.inputs for b in e.value.arguments if b.HasField("value")]
+    return [(v.blobFileValue.fileName, v.blobFileValue.offset) for v in values
+            if v.HasField("blobFileValue") and v.blobFileValue.fileName != SCRATCH]
+
+
+def _release(model, refs) -> None:
+    """Drop the resident pages of blobs a rewrite replaced: compressing weight after weight keeps only the
+    one being compressed in memory (mapped pages count as the process's memory)."""
+    for name, offset in refs:
+        try:
+            model.blob_file(name).release(offset)
+        except ModelError:  # advice only: a blob we cannot name is not ours to release
+            pass
 
 
 def restore_const(rec, values: np.ndarray) -> None:
