@@ -58,3 +58,29 @@ def test_broken_recipe_under_plain_doit(repo):
     text = proc.stdout + proc.stderr
     assert "pipelines/skip_dense_2.yaml:3:1: stagse: unknown key 'stagse' in the recipe (hint: did you mean 'stages'?)" in text
     assert "Traceback" not in text
+
+
+ML_DODO = """\
+from mlqpipe.build import DOIT_CONFIG, tasks_from_recipes
+
+
+def task_quantize():
+    yield from tasks_from_recipes("pipelines/mlprogram_prune_palettize.yaml")
+"""
+
+
+def test_an_ml_program_recipe_under_plain_doit_is_cached_and_incremental(repo):
+    from mlqpipe.artifacts import digest
+
+    (repo / "dodo.py").write_text(ML_DODO)
+    first = doit(repo)
+    assert first.returncode == 0, first.stderr
+    prefix = "mlqpipe/pipelines/mlprogram_prune_palettize/demo/digits_mlp.mlpackage"
+    assert executed(first) == [f"{prefix}/1-prune", f"{prefix}/2-palettize", f"{prefix}/output", "mlqpipe-lock"]
+    out = repo / "build" / "examples" / "digits_mlp.prune_palettize.mlpackage"
+    built = digest(out)
+    assert executed(doit(repo)) == []  # nothing changed: nothing runs
+    recipe = repo / "pipelines" / "mlprogram_prune_palettize.yaml"
+    recipe.write_text(recipe.read_text().replace("nbits: 4", "nbits: 3"))
+    assert executed(doit(repo)) == [f"{prefix}/2-palettize", f"{prefix}/output", "mlqpipe-lock"]  # the prune stage is cached
+    assert digest(out) != built
