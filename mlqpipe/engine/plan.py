@@ -197,10 +197,14 @@ def setting_problems(job: ModelJob, recipe: Recipe, model) -> list[Problem]:
 
     fmt = format_of(model)
     if fmt.evaluator is None:  # this format has no evaluator yet: asking for an evaluation is a setting problem
+        if job.evaluation is not None and job.evaluation.allow_unevaluated:
+            return []  # the build reports the evaluation gates as "not evaluated"
         wanted = [("evaluation",)] if job.evaluation is not None else []
         wanted += [("gates", g) for g in EVALUATION_GATES if getattr(job.gates, g) is not None]
         return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {fmt.name} models cannot be evaluated yet",
-                                 "remove the evaluation settings and the evaluation gates for this model") for at in wanted]
+                                 "remove the evaluation settings and the evaluation gates for this model, or set "
+                                 "evaluation.allow_unevaluated: true to build it with them reported as not evaluated")
+                for at in wanted]
     return [_setting_problem(recipe, job, at, f"{_shown(job.input)}: {message}", hint)
             for at, message, hint in evaluation_problems(model.spec, job.evaluation, job.gates)]
 

@@ -83,8 +83,12 @@ def _evaluate(job, models: list, cache_dir):
     """The float and the quantized model on the recipe's data (arrays read from the .npz as needed)."""
     from contextlib import nullcontext
 
-    from mlqpipe.quality.evaluate.compare import DEFAULT_MEMORY_MB, FloatCache, evaluate
+    from mlqpipe.formats.registry import format_of
+    from mlqpipe.quality.evaluate.compare import DEFAULT_MEMORY_MB, Evaluation, FloatCache, evaluate
 
+    fmt = format_of(models[0])
+    if fmt.evaluator is None:  # allowed by the plan only with allow_unevaluated: the gates say "not evaluated"
+        return Evaluation(False, f"{fmt.name} models cannot be evaluated yet")
     cfg = job.evaluation
     opened = np.load(cfg.data, allow_pickle=False) if cfg is not None and cfg.data is not None else nullcontext(None)
     with opened as data:

@@ -378,3 +378,20 @@ def test_a_recipe_stage_gives_the_weights_of_the_matching_api_call(project, caps
     for i in compressed:
         assert ours[i].layer_type == theirs[i].layer_type and ours[i].storage.describe() == theirs[i].storage.describe()
         assert np.array_equal(ours[i].values(), theirs[i].values()), i
+
+
+def test_accuracy_gates_on_ml_programs_are_located_until_allowed_as_not_evaluated(project, capsys):
+    root = project()
+    stage = "- {mode: linear_symmetric, rules: [big]}\n"
+    _recipe(root, stage, model_lines="    gates: {max_accuracy_drop: 0.01, min_compression: 2}\n")
+    err = _problems(capsys)
+    assert "r.yaml:5:32: models[0].gates.max_accuracy_drop: m.mlpackage: mlprogram models cannot be evaluated yet (hint: " \
+           "remove the evaluation settings and the evaluation gates for this model, or set evaluation.allow_unevaluated: " \
+           "true to build it with them reported as not evaluated)" in err, err
+    _recipe(root, stage, model_lines="    gates: {max_accuracy_drop: 0.01, min_compression: 2}\n"
+                                     "    evaluation: {allow_unevaluated: true}\n")
+    assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
+    gates = {g["gate"]: g for g in json.loads((root / "out" / "m.q.report.json").read_text())["gates"]}
+    assert gates["max_accuracy_drop"]["value"] == "not evaluated" and gates["max_accuracy_drop"]["passed"]
+    assert "mlprogram models cannot be evaluated yet" in gates["max_accuracy_drop"]["detail"]
+    assert gates["min_compression"]["passed"] and gates["min_compression"]["value"] > 2
