@@ -38,6 +38,8 @@ def pack_lsb_first(values: np.ndarray, nbits: int) -> bytes:
     q = q.astype(np.uint8, copy=False)
     if nbits == 8:
         return q.tobytes()
+    if nbits == 1:  # masks: numpy packs bits directly (LSB first, zero padding)
+        return np.packbits(q, bitorder="little").tobytes()
     per_group, group_bytes, word = _layout(nbits)
     groups = -(-q.size // per_group)
     lanes = np.zeros(groups * per_group, dtype=np.uint8)
