@@ -12,13 +12,14 @@ Modes:
   float64; unique: nbits = the smallest of 1, 2, 3, 4, 6, 8 holding every group's distinct values, LUT
   zero-padded).
 - kmeans, scalar: fp16 groups of >= 10,000 elements reproduce coremltools' vendored exact kmeans1d bit
-  for bit (the same weighted DP costs and running-mean centroids in float64; ties go to the leftmost
-  split, as its SMAWK does). Every other group uses mlqpipe's 1-D k-means (quant/lut.py: exact up to
-  binning): where coremltools runs scikit-learn's KMeans, our MSE is lower (a listed difference).
+  for bit (quant/kmeans.py: the same weighted DP costs and running-mean centroids in float64; ties go to
+  the leftmost split, as its SMAWK does; all groups of a weight solved together). Every other group
+  uses mlqpipe's 1-D k-means (quant/lut.py: exact up to binning): where coremltools runs scikit-learn's
+  KMeans, our MSE is lower (a listed difference).
   LUT entries beyond the clusters found are 0 (coremltools' kmeans1d convention; scikit-learn would
   repeat centres there: same decoded weights).
 - kmeans, vector (cluster_dim > 1): Lloyd's algorithm from greedy k-means++ seeds drawn with a fixed seed
-  (deterministic), run to convergence (scikit-learn stops at tol=1e-2).
+  (deterministic; quant/kmeans.py), converged on a random sample, then refined on all points.
 
 Refused with ValueError (the caller names the weight): NaN or ±Inf (coremltools' uniform mode silently
 writes NaN into the LUT; its k-means fails the whole model), bad settings, a bad custom function result.
@@ -34,13 +35,12 @@ from typing import Callable
 import numpy as np
 
 from mlqpipe.quant.affine import NotApplicable
+from mlqpipe.quant.kmeans import kmeans1d_fp16, vector_kmeans
 from mlqpipe.quant.results import PaletteResult
 
 NBITS = (1, 2, 3, 4, 6, 8)
 MODES = ("kmeans", "uniform", "unique", "custom")
 KMEANS1D_MIN_SIZE = 10_000  # coremltools uses its exact 1-D k-means for fp16 groups of at least this many values
-_KMEANS1D_BATCH = 1 << 17  # values per batched exact k-means run
-_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,8 @@ def palettize(values: np.ndarray, s: PaletteSettings) -> PaletteResult:
     groups = np.split(swapped, channels // size, axis=0)
     nbits = _unique_nbits(groups, v, s.nbits) if s.mode == "unique" else s.nbits
     if s.mode == "kmeans" and v == 1 and w.dtype == np.float16 and groups[0].size >= KMEANS1D_MIN_SIZE:
-        per = max(1, _KMEANS1D_BATCH // groups[0].size)  # groups per DP run: they share its numpy calls
-        flat = [g.ravel() for g in groups]
-        luts, indices = zip(*(r for at in range(0, len(flat), per) for r in _kmeans1d_exact(flat[at : at + per], nbits)))
+        luts, indices = kmeans1d_fp16(np.stack([g.ravel() for g in groups]), nbits)  # all groups in one batch
+        luts = luts[..., None]
     else:
         luts, indices = zip(*(_group(g, s, nbits, v) for g in groups))
     if s.mode == "custom":
@@ -128,7 +127,7 @@ def _group(g: np.ndarray, s: PaletteSettings, nbits: int, v: int) -> tuple[np.nd
     if s.mode == "custom":
         return _custom(g, s.lut_function, v)
     if v > 1:
-        return _vector_kmeans(_points(g, v), nbits)
+        return vector_kmeans(_points(g, v), nbits)
     from mlqpipe.quant.lut import kmeans_lut  # builds its bin tables on import: only k-means needs them
 
     table, codes = kmeans_lut(g.ravel(), nbits)
@@ -192,195 +191,6 @@ def _unique_nbits(groups, v: int, given: int | None) -> int:
             raise NotApplicable(f"{count} distinct values do not fit an 8-bit LUT")
         nbits = need if nbits is None else max(nbits, need)
     return nbits
-
-
-# coremltools' exact 1-D k-means (its vendored kmeans1d), reproduced ------------------------------------
-
-
-def _kmeans1d_exact(groups: list[np.ndarray], nbits: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per group: np.unique, then the optimal weighted 1-D k-means with kmeans1d's float64 arithmetic.
-
-    All groups are solved together: their sorted points sit in one array (each group's prefix sums start
-    at 0, one slot apart), so every recursion level of the DP is one set of numpy calls for all groups."""
-    uniq = [np.unique(x, return_inverse=True, return_counts=True) for x in groups]
-    sizes = np.array([u[0].size for u in uniq])
-    ks = np.minimum(sizes, 1 << nbits)
-    base = np.concatenate(([0], np.cumsum(sizes + 1)[:-1]))  # point p of group g is at base[g] + p
-    total = int(np.sum(sizes + 1))
-    pts, wts = np.zeros(total), np.zeros(total)
-    for g, (values, _, counts) in enumerate(uniq):
-        pts[base[g] : base[g] + sizes[g]] = values
-        wts[base[g] : base[g] + sizes[g]] = counts
-    cw, cs, cq = (np.concatenate(([0.0], _group_cumsum(a, base, sizes))) for a in (wts, wts * pts, wts * pts * pts))
-    starts = _optimal_starts(cw, cs, cq, base, sizes, ks)
-    out = []
-    for g, (values, inverse, _) in enumerate(uniq):
-        st = starts[g]
-        centroids = np.zeros(1 << nbits)
-        centroids[: ks[g]] = _running_means(pts, cw, base[g] + st, base[g] + np.append(st[1:], sizes[g]))
-        labels = np.repeat(np.arange(ks[g]), np.diff(np.append(st, sizes[g])))
-        out.append((centroids.astype(groups[g].dtype).reshape(-1, 1), labels[inverse.ravel()].astype(np.uint8)))
-    return out
-
-
-def _group_cumsum(a, base, sizes):
-    """Sequential prefix sums restarting at every group; the slot after each group is 0, so that with a
-    leading 0 every group's prefix array starts at exactly 0, as kmeans1d's does."""
-    out = np.zeros_like(a)
-    for b, n in zip(base, sizes):
-        np.cumsum(a[b : b + n], out=out[b : b + n])
-    return out
-
-
-def _cost(cw, cs, cq, j, i):
-    """kmeans1d's cost of one cluster over sorted points j..i (inclusive), operation for operation."""
-    w = cw[i + 1] - cw[j]
-    s = cs[i + 1] - cs[j]
-    mu = s / w
-    r = cq[i + 1] - cq[j]
-    r = r + w * (mu * mu)
-    return r - (2 * mu) * s
-
-
-def _optimal_starts(cw, cs, cq, base, sizes, ks) -> list[np.ndarray]:
-    """Per group, the start of each cluster (sorted) in the optimal partition of its points into k clusters.
-
-    D[L][i] = min over j in [L, i] of D[L-1][j-1] + cost(j, i); the best j is monotone in i, so each layer
-    is solved by divide and conquer over rows, one recursion level at a time for all segments of all
-    groups (leftmost minimum on ties, as kmeans1d's SMAWK). The previous layer's best split is not used as
-    a lower bound (Ckmeans.1d.dp does): with float ties it changed one partition in our kmeans1d tests."""
-    total = cw.size - 1
-    first = np.zeros(total, dtype=np.int64)
-    for b, n in zip(base, sizes):
-        first[b : b + n] = b
-    with np.errstate(invalid="ignore"):  # the 0/0 of the empty slots between groups, never read
-        prev = _cost(cw, cs, cq, first, np.arange(total))
-    choice = []
-    for layer in range(1, int(ks.max())):
-        live = np.flatnonzero(ks > layer)
-        b, last = base[live], base[live] + sizes[live] - 1
-        lo = np.where(ks[live] - 1 == layer, last, b + layer)  # a group's last layer: its last row only
-        seg = np.stack((lo, last, b + layer, last), axis=1)  # rows lo..hi, split bounds lo..hi
-        cur = np.full(total, np.inf)
-        opt = np.zeros(total, dtype=np.int64)
-        while seg.size:
-            mid = (seg[:, 0] + seg[:, 1]) >> 1
-            low = seg[:, 2]
-            length = np.minimum(seg[:, 3], mid) - low + 1
-            ends = np.cumsum(length)
-            cand = np.arange(ends[-1]) + np.repeat(low - (ends - length), length)
-            val = prev[cand - 1] + _cost(cw, cs, cq, cand, np.repeat(mid, length))
-            both = np.empty(cand.size, dtype=np.complex128)  # (value, split): lexicographic min = leftmost
-            both.real = val
-            both.imag = cand
-            best = np.minimum.reduceat(both, ends - length)
-            cur[mid] = best.real
-            opt[mid] = best.imag.astype(np.int64)
-            left = np.stack((seg[:, 0], mid - 1, seg[:, 2], opt[mid]), axis=1)
-            right = np.stack((mid + 1, seg[:, 1], opt[mid], seg[:, 3]), axis=1)
-            seg = np.concatenate((left, right))
-            seg = seg[seg[:, 0] <= seg[:, 1]]
-        choice.append(opt)
-        prev = cur
-    out = []
-    for b, n, k in zip(base, sizes, ks):
-        starts = [0] * int(k)
-        end = b + n - 1
-        for layer in range(int(k) - 1, 0, -1):
-            starts[layer] = int(choice[layer - 1][end]) - b
-            end = b + starts[layer] - 1
-        out.append(np.array(starts, dtype=np.int64))
-    return out
-
-
-def _running_means(pts, cw, starts, ends) -> np.ndarray:
-    """kmeans1d's centroid: c += (x - c) * w_i / W(start..i), point by point, for all clusters at once."""
-    c = np.zeros(starts.size)
-    for step in range(int((ends - starts).max())):
-        act = np.flatnonzero(starts + step < ends)
-        i = starts[act] + step
-        c[act] += (pts[i] - c[act]) * (cw[i + 1] - cw[i]) / (cw[i + 1] - cw[starts[act]])
-    return c
-
-
-# vector k-means ------------------------------------------------------------------------------------
-
-
-_SEED_SAMPLE = 1 << 16  # k-means++ seeds are drawn from at most this many points
-_SAMPLE = 1 << 16  # larger inputs converge on a sample of this many points first
-_TOL_SAMPLE = 1e-5  # stop when the centres move less than this (squared, relative to the data's variance)
-_TOL = 1e-4  # the same on all points (scikit-learn, as coremltools calls it: 1e-2)
-
-
-def _vector_kmeans(points: np.ndarray, nbits: int):
-    """Lloyd's k-means in float64 from greedy k-means++ seeds (fixed seed): LUT [2**nbits, v], labels.
-
-    Large inputs first converge on a fixed random sample (cheap iterations), then refine on all points."""
-    x = points.astype(np.float64)
-    k = min(len(x), 1 << nbits)
-    rng = np.random.default_rng(_SEED)
-    tol = float(np.mean(np.var(x, axis=0)))
-    sample = x if len(x) <= _SAMPLE else x[np.sort(rng.choice(len(x), _SAMPLE, replace=False))]
-    seeds = sample if len(sample) <= _SEED_SAMPLE else sample[np.sort(rng.choice(len(sample), _SEED_SAMPLE, replace=False))]
-    centres = _kmeanspp(seeds, k, rng)
-    if sample is not x:
-        centres, _ = _lloyd(sample, centres, _TOL_SAMPLE * tol)
-    centres, labels = _lloyd(x, centres, _TOL * tol)
-    lut = np.zeros((1 << nbits, x.shape[1]))
-    lut[:k] = centres
-    return lut.astype(points.dtype), labels.astype(np.uint8)
-
-
-def _lloyd(x: np.ndarray, centres: np.ndarray, tol: float, max_iter: int = 300):
-    """Lloyd iterations until the labels settle or the centres move less than tol (squared); an empty
-    cluster keeps its centre."""
-    k = len(centres)
-    xt = np.ascontiguousarray(x.T)
-    labels = _nearest(xt, centres)
-    for _ in range(max_iter):
-        counts = np.bincount(labels, minlength=k)
-        sums = np.stack([np.bincount(labels, weights=row, minlength=k) for row in xt], axis=1)
-        moved = np.where((counts > 0)[:, None], sums / np.maximum(counts, 1)[:, None], centres)
-        shift = float(np.sum((moved - centres) ** 2))
-        centres = moved
-        new = _nearest(xt, centres)
-        settled = np.array_equal(new, labels) or shift <= tol
-        labels = new
-        if settled:
-            break
-    return centres, labels
-
-
-def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++: each new centre is the best of 2 + log(k) candidates drawn ∝ squared distance."""
-    trials = 2 + int(np.log(k))
-    centres = np.empty((k, x.shape[1]))
-    centres[0] = x[rng.integers(len(x))]
-    d2 = np.sum((x - centres[0]) ** 2, axis=1)
-    for c in range(1, k):
-        total = d2.sum()
-        if total <= 0:  # fewer distinct points than clusters: repeat one
-            centres[c:] = centres[0]
-            break
-        picks = np.searchsorted(np.cumsum(d2), rng.random(trials) * total).clip(0, len(x) - 1)
-        cand = np.stack([np.minimum(d2, np.sum((x - x[p]) ** 2, axis=1)) for p in picks])
-        best = int(np.argmin(cand.sum(axis=1)))
-        centres[c] = x[picks[best]]
-        d2 = cand[best]
-    return centres
-
-
-def _nearest(xt: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre for every point of xt ([v, N]), in chunks of 64k points."""
-    out = np.empty(xt.shape[1], dtype=np.intp)
-    cc = np.sum(centres * centres, axis=1)[:, None]
-    chunk = max(1024, (1 << 20) // len(centres))
-    for start in range(0, xt.shape[1], chunk):
-        d = centres @ xt[:, start : start + chunk]
-        d *= -2
-        d += cc
-        out[start : start + chunk] = np.argmin(d, axis=0)
-    return out
 
 
 # settings ------------------------------------------------------------------------------------------
