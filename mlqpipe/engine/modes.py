@@ -84,7 +84,7 @@ _LINEAR = dict(storage="linear", nbits=NBITS, coremltools_rounding=True, checks_
                kernels={_ML: kernels.affine}, keys={DEFAULT: _NN_LINEAR, _ML: _ML_LINEAR},
                format_nbits={_ML: (4, 8)}, joint_kernel=kernels.joint, infers_nbits=(_ML,))
 _LUT = dict(storage="lut", nbits=NBITS, kernels={_ML: kernels.palette}, keys={DEFAULT: ("nbits",), _ML: _ML_LUT},
-            format_nbits={_ML: LUT_NBITS_MLPROGRAM}, joint_kernel=kernels.joint, checks_finite=False)
+            format_nbits={_ML: LUT_NBITS_MLPROGRAM}, joint_kernel=kernels.joint)
 _ML_ONLY = dict(kernel=_refuses, checks_finite=False)
 
 MODES: dict[str, Mode] = {m.name: m for m in (
@@ -99,8 +99,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          format_nbits={_ML: LUT_NBITS_MLPROGRAM}, joint_kernel=kernels.joint, infers_nbits=(_ML,), **_ML_ONLY),
     # ML programs: coremltools' lut_function(weight) -> (lut, indices), nbits follows from the LUT's size
     Mode("custom_lut", kernels.custom_lut, coremltools_names=("custom_lut",), needs=("function",),
-         **{**_LUT, "keys": {DEFAULT: ("nbits", "function"), _ML: ("function", *_ML_LUT[1:])}, "infers_nbits": (_ML,),
-            "checks_finite": True}),
+         **{**_LUT, "keys": {DEFAULT: ("nbits", "function"), _ML: ("function", *_ML_LUT[1:])}, "infers_nbits": (_ML,)}),
     Mode("prune", storage="sparse", kernels={_ML: kernels.sparse}, keys={_ML: _ML_PRUNE}, **_ML_ONLY),
     Mode("dequantize", kernels.float32, "float32", aliases=("dequantization",), coremltools_names=("dequantization",),
          version_floor=None, done_if="float32", reads_quantized=True),
