@@ -88,15 +88,16 @@ def linear_quantize(values: np.ndarray, s: AffineSettings) -> AffineResult:
         raise ValueError(f"linear quantization needs float16 or float32 weights, not {w.dtype}")
     sizes = block_sizes(w.shape, s)
     blocked, reduce_axes, scale_shape = _blocked_view(w, sizes)
-    lo = np.amin(blocked, axis=reduce_axes, keepdims=True)
-    hi = np.amax(blocked, axis=reduce_axes, keepdims=True)
+    if s.mode == "linear_symmetric":  # max |w| = max(|min|, |max|) exactly: one reduction instead of two
+        hi = np.amax(np.abs(blocked), axis=reduce_axes, keepdims=True)
+        lo = -hi
+    else:
+        lo = np.amin(blocked, axis=reduce_axes, keepdims=True)
+        hi = np.amax(blocked, axis=reduce_axes, keepdims=True)
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):  # min/max propagate NaN and see Inf
         raise ValueError("the weight contains NaN or Inf; it cannot be quantized")
     qmin, qmax = quant_range(s.dtype, s.mode)
-    if s.mode == "linear_symmetric":
-        hi = np.maximum(np.abs(lo), np.abs(hi))
-        lo = -hi
-    else:
+    if s.mode != "linear_symmetric":
         lo = np.minimum(0.0, lo)
         hi = np.maximum(0.0, hi)
     span = hi - lo
