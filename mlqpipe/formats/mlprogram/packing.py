@@ -62,6 +62,8 @@ def unpack_lsb_first(data, nbits: int, count: int) -> np.ndarray:
         raise ValueError(f"{raw.size} bytes hold fewer than {count} values of {nbits} bits")
     if nbits == 8:
         return raw[:count].copy()
+    if nbits == 1:  # masks: numpy unpacks bits directly
+        return np.unpackbits(raw[: packed_size(count, 1)], count=count, bitorder="little")
     per_group, group_bytes, word = _layout(nbits)
     groups = -(-count // per_group)
     padded = np.zeros(groups * group_bytes, dtype=np.uint8)
