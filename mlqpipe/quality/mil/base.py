@@ -80,4 +80,6 @@ def text(v, what: str) -> str:
 def floats(x) -> np.ndarray:
     """x as a float array: float16 and integers computed in float32, float64 kept."""
     a = np.asarray(x)
+    if a.dtype.kind in "USO":  # a string where a number belongs: not this row's op
+        raise Refuse(f"a {a.dtype.kind!r}-typed value where numbers are expected")
     return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)

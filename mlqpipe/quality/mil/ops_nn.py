@@ -12,7 +12,7 @@ import numpy as np
 
 from mlqpipe.quality.mil.base import Refuse, axes_of, flag, floats, ints, row, scalar, text
 
-SPATIAL = (1, 2)  # convolution / pooling ranks evaluated here (3-D comes with the next part)
+SPATIAL = (1, 2, 3)  # convolution / pooling ranks evaluated here
 _CHUNK = 1 << 24  # elements of one im2col buffer (64 MB of float32) before the output rows are split
 
 # --- products -----------------------------------------------------------------------------------------------

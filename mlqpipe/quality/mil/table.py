@@ -6,8 +6,12 @@ the interpreter itself (they read weights or run blocks). Any other op type is "
 from __future__ import annotations
 
 from mlqpipe.quality.mil.base import OpRow
+from mlqpipe.quality.mil.ops_attention import OPS as ATTENTION
 from mlqpipe.quality.mil.ops_math import OPS as MATH
 from mlqpipe.quality.mil.ops_nn import OPS as NN
+from mlqpipe.quality.mil.ops_recurrent import OPS as RECURRENT
+from mlqpipe.quality.mil.ops_resize import OPS as RESIZE
+from mlqpipe.quality.mil.ops_scatter import OPS as SCATTER
 from mlqpipe.quality.mil.ops_shape import OPS as SHAPE
 
 
@@ -20,5 +24,5 @@ def _merged(*tables: dict) -> dict[str, OpRow]:
     return out
 
 
-OPS: dict[str, OpRow] = _merged(MATH, SHAPE, NN)
+OPS: dict[str, OpRow] = _merged(MATH, SHAPE, NN, RECURRENT, RESIZE, SCATTER, ATTENTION)
 BUILT_IN = ("const", "constexpr_*", "cond", "while_loop")  # run by the interpreter, not by a row

@@ -177,3 +177,118 @@ def example(specs: dict, n: int, rng) -> dict:
         full = (n, *shape[1:])
         out[name] = rng.integers(0, 10, full).astype(dtype) if np.dtype(dtype).kind == "i" else rng.standard_normal(full).astype(dtype)
     return out
+
+
+# --- part 2 (issue #18): recurrent layers, resizing, scatters, attention --------------------------------------
+
+
+def recurrent():
+    """Batch-first and sequence-first LSTMs (1-2 layers, bidirectional, given initial states), an RNN (relu)
+    and a GRU (coremltools writes torch's GRU as a while_loop, nn.LSTM / nn.RNN as lstm / rnn ops). The
+    sample axis is 0 (batch 1 per sample); sequence-first layers see the input transposed."""
+    torch, nn, F = _nn()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.deep = nn.LSTM(5, 6, num_layers=2, bidirectional=True)
+            self.first = nn.LSTM(5, 4, batch_first=True)
+            self.bi = nn.LSTM(5, 3, batch_first=True, bidirectional=True)
+            self.rnn = nn.RNN(5, 3, nonlinearity="relu")
+            self.rnn_tanh = nn.RNN(5, 4, num_layers=2, batch_first=True)
+            self.gru = nn.GRU(5, 4, batch_first=True)
+
+        def forward(self, x, h0, c0):
+            t = x.transpose(0, 1)  # [T, 1, I]
+            a, (h, c) = self.deep(t, (h0.transpose(0, 1), c0.transpose(0, 1)))
+            b, (hb, cb) = self.first(x)
+            d, (hd, _) = self.bi(x)
+            r, hr = self.rnn(t)
+            s, _ = self.rnn_tanh(x)
+            g, hg = self.gru(x)
+            return (a.transpose(0, 1), h.transpose(0, 1), c.transpose(0, 1), b, hb.transpose(0, 1), cb.transpose(0, 1),
+                    d, hd.transpose(0, 1), r.transpose(0, 1), hr.transpose(0, 1), s, g)
+
+    return M(), {"x": (1, 7, 5), "h0": (1, 4, 6), "c0": (1, 4, 6)}
+
+
+def resizing():
+    torch, nn, F = _nn()
+
+    class M(nn.Module):
+        def forward(self, x):
+            return (F.interpolate(x, scale_factor=2, mode="nearest"), F.interpolate(x, size=(7, 9), mode="nearest"),
+                    F.interpolate(x, scale_factor=3, mode="nearest"), F.interpolate(x, scale_factor=1.5, mode="nearest"),
+                    F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+                    F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True),
+                    F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=False),
+                    F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True),
+                    F.interpolate(x, size=(11, 4), mode="bilinear", align_corners=True),
+                    F.upsample_nearest(x, size=(10, 12)))
+
+    return M(), {"x": (1, 2, 5, 6)}
+
+
+def scatters():
+    torch, nn, F = _nn()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("along", torch.randint(0, 6, (1, 3, 4)))  # repeats: scatter_add sums them
+            self.register_buffer("perm", torch.stack([torch.randperm(6)[:4] for _ in range(3)])[None])  # distinct per row
+            self.register_buffer("rows", torch.randint(0, 3, (1, 5, 6)))
+
+        def forward(self, x, u):
+            spread = torch.cat([x, x[:, :2]], 1).exp()  # [1, 5, 6] updates for 5 x 6 indices along axis 1
+            return x.scatter(2, self.perm, u), x.scatter_add(2, self.along, u), x.scatter_add(1, self.rows, spread) * 2
+
+    return M(), {"x": (1, 3, 6), "u": (1, 3, 4)}
+
+
+def attention():
+    """F.scaled_dot_product_attention at iOS18 (one MIL op): no mask, a bool mask (every query keeps a key),
+    a float mask, and is_causal (written as a band_part mask)."""
+    torch, nn, F = _nn()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("first", torch.arange(6) == 0)
+
+        def forward(self, q, k, v, m):
+            keep = torch.logical_or(m > 0, self.first)  # (a concat of bool tensors is converted to floats: avoided)
+            return (F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=m), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    return M(), {"q": (1, 2, 5, 8), "k": (1, 2, 6, 8), "v": (1, 2, 6, 3), "m": (1, 1, 5, 6)}
+
+
+PART2 = {f.__name__: f for f in (recurrent, resizing, scatters, attention)}
+PART2_IOS = {"recurrent": 16, "resizing": 16, "scatters": 16, "attention": 18}
+
+
+def build_part2(name: str, seed: int):
+    """(module, {input name: (shape, float32)}) of a part-2 model."""
+    torch, _, _ = _nn()
+    torch.manual_seed(seed)
+    module, specs = PART2[name]()
+    return module.eval(), {k: (v, np.float32) for k, v in specs.items()}
+
+
+def conv3d():
+    """3-D convolution, transposed convolution and pooling (evaluated once ops_nn.SPATIAL includes 3)."""
+    torch, nn, F = _nn()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(2, 4, 3, padding=1)
+            self.c2 = nn.Conv3d(2, 4, (2, 3, 3), stride=2, groups=2)
+            self.t = nn.ConvTranspose3d(2, 3, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            return (self.c(x), self.c2(x), self.t(x), F.max_pool3d(x, 2), F.avg_pool3d(x, 3, 2, padding=1),
+                    F.avg_pool3d(x, 3, 2, padding=1, count_include_pad=False), F.max_pool3d(x, 3, 2, ceil_mode=True))
+
+    return M(), {"x": (1, 2, 6, 7, 8)}
