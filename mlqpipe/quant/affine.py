@@ -110,11 +110,15 @@ def linear_quantize(values: np.ndarray, s: AffineSettings) -> AffineResult:
         zero_point = _zero_point(lo, hi, span, qmin, qmax, s)
         if zero_point is not None:
             np.add(q, zero_point, out=q)
-    np.clip(q, qmin, qmax, out=q)
-    if not np.all(scale):
-        q[np.isnan(q)] = 0  # 0/0 in an all-zero (or underflowed) block: coremltools' cast gives 0
     np_int = np.int8 if DTYPES[s.dtype][1] else np.uint8
-    data = q.reshape(w.shape).astype(np_int)
+    if np.all(scale):  # clipped straight into the codes: whole numbers in range cast exactly
+        data = np.empty(q.shape, np_int)
+        np.clip(q, qmin, qmax, out=data, casting="unsafe")
+        data = data.reshape(w.shape)
+    else:
+        np.clip(q, qmin, qmax, out=q)
+        q[np.isnan(q)] = 0  # 0/0 in an all-zero (or underflowed) block: coremltools' cast gives 0
+        data = q.reshape(w.shape).astype(np_int)
     if zero_point is not None:
         zero_point = np.nan_to_num(zero_point, nan=0.0).reshape(scale_shape).astype(np_int)
     return AffineResult(data, scale.reshape(scale_shape).astype(w.dtype), zero_point, s.dtype)

@@ -40,6 +40,10 @@ def pack_lsb_first(values: np.ndarray, nbits: int) -> bytes:
         return q.tobytes()
     if nbits == 1:  # masks: numpy packs bits directly (LSB first, zero padding)
         return np.packbits(q, bitorder="little").tobytes()
+    if nbits == 4:  # nibbles: the first value in the low half of each byte
+        pairs = np.zeros(-(-q.size // 2) * 2, dtype=np.uint8)
+        pairs[: q.size] = q
+        return (pairs[0::2] | (pairs[1::2] << 4)).tobytes()
     per_group, group_bytes, word = _layout(nbits)
     groups = -(-q.size // per_group)
     lanes = np.zeros(groups * per_group, dtype=np.uint8)
@@ -64,6 +68,11 @@ def unpack_lsb_first(data, nbits: int, count: int) -> np.ndarray:
         return raw[:count].copy()
     if nbits == 1:  # masks: numpy unpacks bits directly
         return np.unpackbits(raw[: packed_size(count, 1)], count=count, bitorder="little")
+    if nbits == 4:
+        data = raw[: packed_size(count, 4)]
+        out = np.empty(data.size * 2, dtype=np.uint8)
+        out[0::2], out[1::2] = data & 0x0F, data >> 4
+        return out[:count]
     per_group, group_bytes, word = _layout(nbits)
     groups = -(-count // per_group)
     padded = np.zeros(groups * group_bytes, dtype=np.uint8)
