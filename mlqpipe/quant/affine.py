@@ -89,11 +89,11 @@ def linear_quantize(values: np.ndarray, s: AffineSettings) -> AffineResult:
     sizes = block_sizes(w.shape, s)
     blocked, reduce_axes, scale_shape = _blocked_view(w, sizes)
     if s.mode == "linear_symmetric":  # max |w| = max(|min|, |max|) exactly: one reduction instead of two
-        hi = np.amax(np.abs(blocked), axis=reduce_axes, keepdims=True)
+        hi = _block_reduce(np.maximum, np.abs(blocked), reduce_axes, sizes)
         lo = -hi
     else:
-        lo = np.amin(blocked, axis=reduce_axes, keepdims=True)
-        hi = np.amax(blocked, axis=reduce_axes, keepdims=True)
+        lo = _block_reduce(np.minimum, blocked, reduce_axes, sizes)
+        hi = _block_reduce(np.maximum, blocked, reduce_axes, sizes)
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):  # min/max propagate NaN and see Inf
         raise ValueError("the weight contains NaN or Inf; it cannot be quantized")
     qmin, qmax = quant_range(s.dtype, s.mode)
@@ -143,6 +143,18 @@ def _zero_point(lo, hi, span, qmin, qmax, s: AffineSettings):
         lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
         zp = ((qmin * hi32 - qmax * lo32) / (hi32 - lo32)).astype(np.float16)
     return np.clip(np.round(zp), qmin, qmax)
+
+
+def _block_reduce(ufunc, blocked: np.ndarray, reduce_axes: tuple, sizes: list[int]) -> np.ndarray:
+    """`ufunc` over each block, keepdims. Blocks that are short contiguous runs (per_block on the last axis,
+    one block per row elsewhere) go through reduceat, which numpy runs about twice as fast as a reduction
+    over a short trailing axis; min and max are exact in any order."""
+    run = sizes[-1] if sizes else 0
+    if 1 < run <= 256 and all(b == 1 for b in sizes[:-1]) and blocked.flags.c_contiguous:
+        flat = blocked.reshape(-1)
+        out = ufunc.reduceat(flat, np.arange(0, flat.size, run))
+        return out.reshape([1 if i in reduce_axes else n for i, n in enumerate(blocked.shape)])
+    return ufunc.reduce(blocked, axis=reduce_axes, keepdims=True)
 
 
 def _blocked_view(w: np.ndarray, sizes: list[int]):
