@@ -32,7 +32,7 @@ def pack_lsb_first(values: np.ndarray, nbits: int) -> bytes:
     """Pack unsigned integers < 2**nbits LSB first; the padding bits of the last byte are zero."""
     _check_nbits(nbits)
     q = np.ascontiguousarray(values).ravel()
-    if q.size and (q.min() < 0 or q.max() >= 1 << nbits):
+    if q.size and ((q.dtype.kind != "u" and q.min() < 0) or q.max() >= 1 << nbits):  # unsigned: no minimum to check
         top = (1 << nbits) - 1
         raise ValueError(f"values must be in 0..{top} to pack them in {nbits} bits, got {q.min()}..{q.max()}")
     q = q.astype(np.uint8, copy=False)
@@ -41,8 +41,7 @@ def pack_lsb_first(values: np.ndarray, nbits: int) -> bytes:
     if nbits == 1:  # masks: numpy packs bits directly (LSB first, zero padding)
         return np.packbits(q, bitorder="little").tobytes()
     if nbits == 4:  # nibbles: the first value in the low half of each byte
-        pairs = np.zeros(-(-q.size // 2) * 2, dtype=np.uint8)
-        pairs[: q.size] = q
+        pairs = q if q.size % 2 == 0 else np.concatenate([q, np.zeros(1, np.uint8)])
         return (pairs[0::2] | (pairs[1::2] << 4)).tobytes()
     per_group, group_bytes, word = _layout(nbits)
     groups = -(-q.size // per_group)
