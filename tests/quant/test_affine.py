@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mlqpipe.quant.affine import AffineSettings, NotApplicable, dequantize, linear_quantize, quant_range
@@ -129,6 +129,7 @@ def test_block_size_tuple_and_input_axis():
     st.sampled_from(["per_tensor", "per_channel", "per_block"]),
     st.sampled_from([np.float32, np.float16]),
 )
+@example(np.array([[1.0, -164.0, -164.0, -164.0]], np.float32), "linear", "int8", "per_tensor", np.float16)  # found by hypothesis
 def test_invariants(w, mode, dtype, granularity, float_dtype):
     w = w.astype(float_dtype)
     r = linear_quantize(w, AffineSettings(mode, dtype, granularity, 4, 0))
@@ -146,4 +147,7 @@ def test_invariants(w, mode, dtype, granularity, float_dtype):
     # fp16 scales below 2**-14 are subnormal (absolute precision 2**-25, 0 below 2**-25: such a block decodes to
     # 0, as coremltools'): up to 256 codes times that
     subnormal = 256 * 2.0**-24 if float_dtype == np.float16 else 0.0
-    assert np.all(err <= step * (0.5 + slack) + np.abs(w) * slack + subnormal + 1e-30)
+    # an fp16 zero point is computed in fp16, as coremltools computes it (products such as 127 * 164 round
+    # to a multiple of 16 there): its rounding can shift every value by up to half a step more
+    half = 1.0 if float_dtype == np.float16 and mode == "linear" else 0.5
+    assert np.all(err <= step * (half + slack) + np.abs(w) * slack + subnormal + 1e-30)
