@@ -13,7 +13,7 @@ be silent double rounding.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping
 
 from mlqpipe.errors import ModelError
@@ -205,14 +205,16 @@ def apply_mode(rec: WeightRecord, settings: ModeSettings, *, warn: Callable[[str
     return True
 
 
+# what ModeSettings hands the kernels under the same name (mode and nbits are resolved in kernel_settings)
+_SHARED_SETTINGS = tuple(sorted({f.name for f in fields(ModeSettings)} & {f.name for f in fields(kernels.KernelSettings)}
+                                - {"mode", "nbits"}))
+
+
 def kernel_settings(rec: WeightRecord, settings: ModeSettings) -> kernels.KernelSettings:
     """What the kernels see: the settings, and the weight's channel axes and name."""
-    names = ("lut_function", "min_scale", "dtype", "granularity", "block_size", "group_size", "channel_axis",
-             "cluster_dim", "per_channel_scale", "lut_dtype", "target_sparsity", "threshold", "minimum_sparsity",
-             "prune_block_size", "n_m", "dim")
     return kernels.KernelSettings(nbits=settings.nbits, axis=rec.axis, where=rec.where, mode=mode_named(settings.mode).name,
                                   input_axis=getattr(rec, "input_axis", None), conv_groups=getattr(rec, "conv_groups", ()),
-                                  **{n: getattr(settings, n) for n in names})
+                                  **{n: getattr(settings, n) for n in _SHARED_SETTINGS})
 
 
 def _run(mode: Mode, rec: WeightRecord, fmt, ks: kernels.KernelSettings, joint: bool):

@@ -15,7 +15,7 @@ from mlqpipe.formats.base import Storage
 from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.fileio import shown_path as _shown
 from mlqpipe.recipe.problems import Problem, dotted
-from mlqpipe.recipe.types import ModelJob, Recipe, Stage
+from mlqpipe.recipe.types import STAGE_SETTINGS, ModelJob, Recipe, Stage
 from mlqpipe.engine.modes import ModeSettings, kernel_settings, mode_named
 from mlqpipe.quant import kernels
 from mlqpipe.quant.linear import EXACT_MIN_SCALE
@@ -70,13 +70,16 @@ def storage_after(stage: Stage) -> Storage:
     return mode_named(stage.mode).storage_after(bits)
 
 
+# the recipe's weight settings ModeSettings takes under the same name (nbits, function, rounding, dtype and
+# block_size are mapped below)
+_PASSED_AS_IS = tuple(k for k in STAGE_SETTINGS if k not in ("nbits", "function", "coremltools_rounding", "dtype", "block_size"))
+
+
 def stage_settings(stage: Stage, lut_function=None, min_scale: float = EXACT_MIN_SCALE) -> ModeSettings:
     """A recipe stage's settings as the mode registry reads them; what the recipe leaves out keeps
     coremltools' defaults (linear: dtype int8, or int4 for nbits 4)."""
     mode = mode_named(stage.mode)
-    extra = {k: getattr(stage, k) for k in ("granularity", "group_size", "channel_axis", "cluster_dim", "per_channel_scale",
-                                             "lut_dtype", "target_sparsity", "n_m", "dim", "threshold", "minimum_sparsity",
-                                             "joint") if getattr(stage, k) is not None}
+    extra = {k: getattr(stage, k) for k in _PASSED_AS_IS if getattr(stage, k) is not None}
     if stage.block_size is not None:
         extra["prune_block_size" if mode.name == "prune" else "block_size"] = stage.block_size
     if mode.name in ("linear", "linear_symmetric"):
