@@ -16,10 +16,16 @@ or decoded once per `Interpreter` and kept, so repeated runs (sample by sample, 
 nothing again.
 
 Batching: converters fix the input shapes, usually with a batch of 1. Inputs are given with N samples on
-axis 0; where every input's declared shape is [1, ...] and the arrays are [N, ...], the program runs once
-per sample and each output is the samples' outputs concatenated on axis 0 (outputs without a leading 1 are
-stacked on a new axis 0). Inputs that match the declared shapes exactly, or programs with flexible
-dimensions, run once on the arrays as given. Correctness first: no op is assumed batch-safe.
+axis 0; where an input's declared shape is [1, ...] and the arrays are [N, ...], the result is by definition
+the program run once per sample, each output the samples' outputs concatenated on axis 0 (outputs without
+a leading 1 are stacked on a new axis 0). Running all N at once is much faster, and most programs allow it:
+every value then carries the batch where its declared shape has a 1 (a reshape's target shape is widened
+the same way, see `_batch_shape`). Whether a program allows it is not assumed but tested, once per
+Interpreter: the batched run of up to three distinct samples must give the per-sample outputs (same shapes,
+integers equal, floats within a rounding margin); if it fails or differs, every run goes sample by sample.
+A program that mixes samples (a reduction over the batch axis) fails the test, so batching never changes a
+number beyond float rounding. Inputs that match the declared shapes exactly, or programs with flexible
+dimensions, run once on the arrays as given.
 """
 
 from __future__ import annotations
@@ -118,6 +124,9 @@ class Interpreter:
         self._producers = constexpr.producers(list(walk_block(self.block, name, name)))
         self._plans: dict[str, list[_Step]] = {}
         self._consts: dict[tuple[str, str], tuple] = {}
+        self._types: dict[str, Declared] | None = None  # declared type by value name (read when batching)
+        self._batch: int | None = None  # while a batched run is under way: its number of samples
+        self.batched: bool | None = None  # whether N samples run at once (None: not tested yet)
 
     # --- public ---------------------------------------------------------------------------------------------
 
@@ -126,6 +135,18 @@ class Interpreter:
         feeds, per_sample = self._feeds(inputs)
         if not per_sample:
             return dict(zip(self.outputs, self._run_block(self.block, self.function, {}, feeds)))
+        if self.batched is None:
+            self.batched = self._batch_gives_per_sample(feeds)
+        if self.batched:
+            try:
+                return self._run_batched(feeds)
+            except Exception:  # noqa: BLE001 - these samples do not batch after all: the definition decides
+                self.batched = False
+        return self._run_per_sample(feeds)
+
+    # --- samples: one by one, or all at once ----------------------------------------------------------------
+
+    def _run_per_sample(self, feeds: dict) -> dict:
         n = next(iter(feeds.values())).shape[0]
         runs = [self._run_block(self.block, self.function, {}, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
         out = {}
@@ -134,6 +155,32 @@ class Interpreter:
             batched = all(v.ndim and v.shape[0] == 1 for v in values)
             out[name] = np.concatenate(values, axis=0) if batched else np.stack(values, axis=0)
         return out
+
+    def _run_batched(self, feeds: dict) -> dict:
+        n = next(iter(feeds.values())).shape[0]
+        if n == 1:
+            return self._run_per_sample(feeds)
+        self._batch = n
+        try:
+            return dict(zip(self.outputs, self._run_block(self.block, self.function, {}, feeds)))
+        finally:
+            self._batch = None
+
+    def _batch_gives_per_sample(self, feeds: dict) -> bool:
+        """Does the batched run of a few distinct samples give their per-sample outputs? (See the module
+        docstring.) A per-sample failure is the program's own and surfaces in the real run."""
+        probe = _distinct_samples(feeds)
+        if len(next(iter(probe.values()))) < 2:
+            return False  # nothing to tell the two ways apart (all samples are equal): one by one is exact
+        try:
+            want = self._run_per_sample(probe)
+        except (Unsupported, ModelError):
+            return False
+        try:
+            got = self._run_batched(probe)
+        except Exception:  # noqa: BLE001 - any failure of the batched run only means: run sample by sample
+            return False
+        return all(_same_outputs(got[k], want[k]) for k in self.outputs)
 
     # --- inputs ---------------------------------------------------------------------------------------------
 
@@ -211,6 +258,8 @@ class Interpreter:
         if extra:
             raise _not_evaluated(step.name, kind, f"attribute {extra[0]!r}")
         args = {e.key: self._argument(e.key, e.value, entry.tuples, step, env) for e in op.inputs}
+        if self._batch is not None and kind == "reshape" and "shape" in args:
+            args["shape"] = _batch_shape(args["shape"], np.shape(args.get("x")), self._declared_dims(op, "x"), self._batch)
         try:
             with np.errstate(all="ignore"):
                 got = entry.fn(**args)
@@ -229,7 +278,7 @@ class Interpreter:
                                      "is not defined before it; the model is damaged (re-export it)")
                 v = env[b.name]
             else:
-                v = constexpr.read_value(self.model, b.value, f"{self.model.source}: op {step.name!r} input {key}")
+                v = _literal(self.model, b.value, f"{self.model.source}: op {step.name!r} input {key}")
             values.append(_for_op(v))
         if key in tuples:
             return values
@@ -250,13 +299,25 @@ class Interpreter:
                 out.append(v)
                 continue
             a = np.asarray(v)
-            if a.ndim != len(want.dims) or any(d is not None and d != s for d, s in zip(want.dims, a.shape)):
+            if self._batch is not None and not want.dims and a.shape == (self._batch,):
+                pass  # a scalar per sample (classify's label) in a batched run
+            elif a.ndim != len(want.dims) or any(not _dim_fits(d, s, self._batch) for d, s in zip(want.dims, a.shape)):
                 shown = [("?" if d is None else d) for d in want.dims]
                 raise _not_evaluated(step.name, op.type, f"computed shape {list(a.shape)} for {o.name}, the program declares {shown}")
             if a.dtype.kind == "f" and want.dtype.kind in "iub":
                 raise _not_evaluated(step.name, op.type, f"computed floats for {o.name}, declared {want.dtype}")
             out.append(a.astype(want.dtype, copy=False))
         return tuple(out)
+
+    def _declared_dims(self, op, key: str):
+        """The declared dims of the value bound to an op's input `key` (None when not a named tensor)."""
+        if self._types is None:
+            self._types = {**dict(self.inputs), **_declared_types(self.block)}
+        arg = proto.find_entry(op.inputs, key)
+        if arg is None or len(arg.arguments) != 1 or arg.arguments[0].WhichOneof("binding") != "name":
+            return None
+        found = self._types.get(arg.arguments[0].name)
+        return found.dims if found is not None else None
 
     # --- weights and control flow ---------------------------------------------------------------------------
 
@@ -297,6 +358,78 @@ class Interpreter:
                 break
             state = [_for_op(v) for v in self._run_block(body, f"{path}/{step.name}.blocks[1]", env, _bind(body, state, step))]
         raise _not_evaluated(step.name, op.type, f"more than {MAX_LOOP_ITERATIONS} iterations")
+
+
+def _declared_types(block) -> dict[str, Declared]:
+    """name -> declared type of every value an op defines in a block and its nested blocks."""
+    out: dict[str, Declared] = {}
+    for op in block.operations:
+        for o in op.outputs:
+            out[o.name] = declared(o.type)
+        for inner in op.blocks:
+            out.update(_declared_types(inner))
+    return out
+
+
+def _dim_fits(want: int | None, got: int, batch: int | None) -> bool:
+    """A computed dimension against the declared one; in a batched run a declared 1 may carry the batch."""
+    return want is None or want == got or (batch is not None and want == 1 and got == batch)
+
+
+def _batch_shape(shape, x_shape: tuple, x_dims, batch: int):
+    """A reshape's per-sample target shape, widened to carry the batch where the input carries it: the
+    input's batch axis is where its declared 1 became `batch`; the target's is the 1 after the same number
+    of values (C order keeps the samples apart only there). Unchanged when there is no such 1 (the
+    reshape then fails or mismatches its declared shape, and the program runs sample by sample)."""
+    target = [int(d) for d in np.asarray(shape).reshape(-1)]
+    if x_dims is None or len(x_dims) != len(x_shape) or -1 in target:
+        return shape
+    axes = [i for i, (d, s) in enumerate(zip(x_dims, x_shape)) if d == 1 and s == batch]
+    if len(axes) != 1:
+        return shape
+    before = int(np.prod(x_shape[: axes[0]], dtype=np.int64))
+    for j, d in enumerate(target):
+        if d == 1 and int(np.prod(target[:j], dtype=np.int64)) == before:
+            target[j] = batch
+            return np.asarray(target, dtype=np.int64)
+    return shape
+
+
+def _distinct_samples(feeds: dict, count: int = 3) -> dict:
+    """Up to `count` samples of the feeds that differ from each other (in any input), as a small batch."""
+    n = next(iter(feeds.values())).shape[0]
+    chosen = [0]
+    for i in range(1, n):
+        if len(chosen) == count:
+            break
+        if all(any(not np.array_equal(v[i], v[j]) for v in feeds.values()) for j in chosen):
+            chosen.append(i)
+        if i >= 64 and len(chosen) == 1:
+            break  # the first 64 samples are all equal: test no further (one by one then)
+    return {k: v[chosen] for k, v in feeds.items()}
+
+
+def _same_outputs(got, want) -> bool:
+    """Batched against per-sample outputs: same shape and dtype; integers, strings and booleans equal;
+    floats within a few units of rounding (BLAS sums a batch in another order than a single sample)."""
+    a, b = np.asarray(got), np.asarray(want)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind != "f":
+        return bool(np.array_equal(a, b))
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)) or not np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)]):
+        return False
+    fa, fb = a[np.isfinite(a)].astype(np.float64), b[np.isfinite(b)].astype(np.float64)
+    scale = float(np.abs(fb).max()) if fb.size else 0.0
+    margin = (1e-2 if a.dtype == np.float16 else 1e-4) * scale  # one fp16 rounding may flip and carry on
+    return bool(np.all(np.abs(fa - fb) <= margin))
+
+
+def _literal(model, value, where: str):
+    """A value bound in place: a tensor's numbers, or a list (classify's classes) as a Python list."""
+    if value.type.WhichOneof("type") == "listType" and value.HasField("immediateValue") and value.immediateValue.HasField("list"):
+        return [_constant_value(_literal(model, v, where)) for v in value.immediateValue.list.values]
+    return constexpr.read_value(model, value, where)
 
 
 def _bind(block, values: list, step: _Step) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mlqpipe.quality.mil.base import OpRow
 from mlqpipe.quality.mil.ops_attention import OPS as ATTENTION
+from mlqpipe.quality.mil.ops_classify import OPS as CLASSIFY
 from mlqpipe.quality.mil.ops_math import OPS as MATH
 from mlqpipe.quality.mil.ops_nn import OPS as NN
 from mlqpipe.quality.mil.ops_recurrent import OPS as RECURRENT
@@ -24,5 +25,5 @@ def _merged(*tables: dict) -> dict[str, OpRow]:
     return out
 
 
-OPS: dict[str, OpRow] = _merged(MATH, SHAPE, NN, RECURRENT, RESIZE, SCATTER, ATTENTION)
+OPS: dict[str, OpRow] = _merged(MATH, SHAPE, NN, RECURRENT, RESIZE, SCATTER, ATTENTION, CLASSIFY)
 BUILT_IN = ("const", "constexpr_*", "cond", "while_loop")  # run by the interpreter, not by a row

@@ -42,12 +42,20 @@ def mlp(converted):
 def test_samples_run_one_by_one_and_concatenate(mlp):
     model = mlqpipe.load_model(mlp)
     x = _rng.standard_normal((5, 64)).astype(np.float32)
-    (name,) = Interpreter(model).outputs
-    got = run(model, {"x": x})[name]
+    one_by_one = Interpreter(model)
+    one_by_one.batched = False  # the definition of a [1, ...] program on N samples
+    (name,) = one_by_one.outputs
+    got = one_by_one.run({"x": x})[name]
     assert got.shape == (5, 40) and got.dtype == np.float32
     assert_close(got, _mlp_numpy(x, W1, W2), "mlp")
     # the declared shape itself runs once, and gives the same first sample
     assert np.array_equal(run(model, {"x": x[:1]})[name], got[:1])
+    # all samples at once: tested against the per-sample run first, then the same up to BLAS rounding
+    batched = Interpreter(model)
+    fast = batched.run({"x": x})[name]
+    assert batched.batched is True
+    assert fast.shape == got.shape and fast.dtype == got.dtype
+    assert np.abs(fast - got).max() <= 1e-5 * np.abs(got).max()
 
 
 def test_bad_inputs_are_refused_with_a_message(mlp):
@@ -201,3 +209,46 @@ def test_same_padding_is_the_custom_padding_it_implies(converted):
     assert lower.shape == (2, 6, 9, 9) and np.array_equal(lower, custom)
     assert same2.shape == (2, 6, 5, 5) and np.array_equal(same2, custom2)
     assert_close(l2, np.sqrt((x.reshape(2, 3, 3, 3, 3, 3) ** 2).sum(axis=(3, 5))), "l2_pool")
+
+
+def _batch_programs(path, which: str):
+    from coremltools.converters.mil.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 4))], opset_version=ct().target.iOS16)
+    def flatten(x):  # the target shape [1, 16] carries the batch: widened in a batched run
+        return mb.linear(x=mb.reshape(x=x, shape=[1, 16]), weight=W1[:8, :16], name="fc")
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 4))], opset_version=ct().target.iOS16)
+    def mixing(x):  # sums over axis 0: per sample an identity, over a batch a mix of samples
+        return mb.mul(x=mb.reduce_sum(x=x, axes=[0], keep_dims=True), y=2.0, name="twice")
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 4))], opset_version=ct().target.iOS16)
+    def moved(x):  # the batch axis moves to the middle and back, as sequence models do
+        t = mb.transpose(x=x, perm=[1, 0, 2], name="t")
+        r = mb.reshape(x=t, shape=[4, 1, 2, 2], name="r")
+        return mb.transpose(x=mb.reshape(x=r, shape=[4, 1, 4]), perm=[1, 0, 2], name="back")
+
+    convert_program({"flatten": flatten, "mixing": mixing, "moved": moved}[which], 16, path)
+
+
+@pytest.mark.parametrize("which, batches", [("flatten", True), ("mixing", False), ("moved", True)])
+def test_batched_run_only_where_it_gives_the_per_sample_result(converted, which, batches):
+    model = mlqpipe.load_model(converted(f"batch_{which}", lambda p: _batch_programs(p, which)))
+    x = _rng.standard_normal((6, 4, 4)).astype(np.float32)
+    fast, slow = Interpreter(model), Interpreter(model)
+    slow.batched = False
+    got, want = fast.run({"x": x}), slow.run({"x": x})
+    assert fast.batched is batches
+    for name in want:
+        assert got[name].shape == want[name].shape
+        assert np.abs(got[name] - want[name]).max() <= 1e-5 * max(np.abs(want[name]).max(), 1.0), name
+    if which == "mixing":
+        assert np.array_equal(got["twice"], 2 * x)  # per sample: no sample leaks into another
+
+
+def test_equal_samples_are_not_taken_for_a_batch_test(converted):
+    model = mlqpipe.load_model(converted("batch_mixing", lambda p: _batch_programs(p, "mixing")))
+    x = np.repeat(_rng.standard_normal((1, 4, 4)).astype(np.float32), 5, axis=0)
+    it = Interpreter(model)
+    assert np.array_equal(it.run({"x": x})["twice"], 2 * x)
+    assert it.batched is False  # nothing told the two ways apart: one by one
