@@ -79,6 +79,13 @@ def check_gates(rows: list[dict], gates, rule_snr: dict, evaluation, allow_uneva
     return out
 
 
+def _evaluated(model):
+    """What compare.evaluate takes: an ML program as it is (weights live beside its spec), else the spec."""
+    from mlqpipe.quality.evaluate.program import is_program
+
+    return model if is_program(model) else model.spec
+
+
 def _evaluate(job, models: list, cache_dir):
     """The float and the quantized model on the recipe's data (arrays read from the .npz as needed)."""
     from contextlib import nullcontext
@@ -94,7 +101,8 @@ def _evaluate(job, models: list, cache_dir):
     with opened as data:
         labels = data[cfg.labels] if data is not None and cfg.labels else None
         samples = (cfg.max_samples if data is not None else cfg.random_inputs) if cfg is not None else None
-        return evaluate(models[0].spec, models[-1].spec, data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
+        float_model, quantized = (_evaluated(m) for m in (models[0], models[-1]))
+        return evaluate(float_model, quantized, data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
                         memory_mb=(cfg.memory_mb if cfg and cfg.memory_mb else DEFAULT_MEMORY_MB),
                         cache=FloatCache(cache_dir) if cache_dir else None, what=str(job.input.name))
 

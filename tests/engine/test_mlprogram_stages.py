@@ -380,18 +380,18 @@ def test_a_recipe_stage_gives_the_weights_of_the_matching_api_call(project, caps
         assert np.array_equal(ours[i].values(), theirs[i].values()), i
 
 
-def test_accuracy_gates_on_ml_programs_are_located_until_allowed_as_not_evaluated(project, capsys):
+def test_ml_programs_are_evaluated_and_accuracy_needs_class_labels(project, capsys):
     root = project()
     stage = "- {mode: linear_symmetric, rules: [big]}\n"
     _recipe(root, stage, model_lines="    gates: {max_accuracy_drop: 0.01, min_compression: 2}\n")
     err = _problems(capsys)
-    assert "r.yaml:5:32: models[0].gates.max_accuracy_drop: m.mlpackage: mlprogram models cannot be evaluated yet (hint: " \
-           "remove the evaluation settings and the evaluation gates for this model, or set evaluation.allow_unevaluated: " \
-           "true to build it with them reported as not evaluated)" in err, err
-    _recipe(root, stage, model_lines="    gates: {max_accuracy_drop: 0.01, min_compression: 2}\n"
-                                     "    evaluation: {allow_unevaluated: true}\n")
+    assert "r.yaml:5:32: models[0].gates.max_accuracy_drop: m.mlpackage: accuracy needs a classifier; this ML program has " \
+           "no class labels (a converter's classifier_config adds them) (hint: use max_output_error)" in err, err
+    _recipe(root, stage, model_lines="    gates: {max_output_error: 0.01, min_compression: 2}\n"
+                                     "    evaluation: {random_inputs: 8}\n")
     assert main(["build", "r.yaml"]) == 0, capsys.readouterr().err
-    gates = {g["gate"]: g for g in json.loads((root / "out" / "m.q.report.json").read_text())["gates"]}
-    assert gates["max_accuracy_drop"]["value"] == "not evaluated" and gates["max_accuracy_drop"]["passed"]
-    assert "mlprogram models cannot be evaluated yet" in gates["max_accuracy_drop"]["detail"]
+    report = json.loads((root / "out" / "m.q.report.json").read_text())
+    gates = {g["gate"]: g for g in report["gates"]}
+    assert gates["max_output_error"]["applied"] and 0 < gates["max_output_error"]["value"] <= 0.01
+    assert report["evaluation"]["samples"] == 8 and report["evaluation"]["random_inputs"]
     assert gates["min_compression"]["passed"] and gates["min_compression"]["value"] > 2

@@ -20,7 +20,7 @@ class MLProgramFormat:
     modes: frozenset[str] = frozenset({"fp16", "linear", "linear_symmetric", "linear_lut", "kmeans_lut", "unique_lut",
                                        "custom_lut", "prune", "dequantize"})
     modes_note = "mlqpipe changes an ML program's weights, not its graph (fold is a neural-network layer rewrite)"
-    evaluator = None
+    evaluator = "mlprogram"  # quality/evaluate/program.py, through the MIL interpreter (quality/mil)
 
     @property
     def record_type(self) -> type:

@@ -18,7 +18,8 @@ import numpy as np
 from mlqpipe.formats.description import read_description
 from mlqpipe.quality.evaluate.context import Unsupported
 from mlqpipe.quality.evaluate.models import Probabilities, run_model
-from mlqpipe.quality.evaluate.settings import CLASSIFIER_TYPES, array_name
+from mlqpipe.quality.evaluate.program import content_digest, is_program, run_program
+from mlqpipe.quality.evaluate.settings import array_name, is_classifier
 from mlqpipe.terminal import StatusLine
 
 EVALUATOR_VERSION = 3  # bump when evaluation results change: invalidates cached float outputs
@@ -41,12 +42,27 @@ class Evaluation:
         return {k: v for k, v in self.__dict__.items()}
 
 
+# --- the model: a neural network's spec (or any spec models.py runs), or an ML program -----------------------
+
+
+def _spec(m):
+    return m.spec if is_program(m) else m
+
+
+def _run(m, features: dict, cache: dict) -> dict:
+    return run_program(m, features, cache) if is_program(m) else run_model(m, features, cache)
+
+
+def _digest(m) -> bytes:
+    return content_digest(m) if is_program(m) else hashlib.sha256(m.SerializeToString()).digest()
+
+
 # --- inputs ------------------------------------------------------------------------------------------------
 
 
 def input_features(spec, data: dict | None, names: dict, samples: int | None, seed: int = 0) -> tuple[dict, int, bool]:
     """(features, number of samples, random) for the model's inputs, whole (batches are cut from them)."""
-    desc = read_description(spec)
+    desc = read_description(_spec(spec))
     required = [f for f in desc.input if not f.type.isOptional]
     features, n = {}, None
     random = data is None
@@ -94,10 +110,10 @@ def batch_size(spec, features: dict, n: int, memory_mb: int, weights_cache: dict
 
     if n <= 1:
         return max(n, 1)
-    run_model(spec, _batch(features, 0, 1), weights_cache)  # weights read outside the measurement
+    _run(spec, _batch(features, 0, 1), weights_cache)  # weights read outside the measurement
     tracemalloc.start()
     try:
-        run_model(spec, _batch(features, 0, 1), weights_cache)
+        _run(spec, _batch(features, 0, 1), weights_cache)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -116,7 +132,8 @@ def _numeric(value) -> np.ndarray | None:
 
 def _labels_of(spec, out: dict):
     """Each sample's predicted class, for classifiers (None otherwise)."""
-    if spec.WhichOneof("Type") not in CLASSIFIER_TYPES:
+    spec = _spec(spec)
+    if not is_classifier(spec):
         return None
     desc = read_description(spec)
     if desc.predictedFeatureName in out:
@@ -179,7 +196,7 @@ class FloatCache:
     @staticmethod
     def key(float_spec, features: dict, n: int) -> str:
         h = hashlib.sha256(f"mlqpipe-evaluation {EVALUATOR_VERSION} {n}\n".encode())
-        h.update(hashlib.sha256(float_spec.SerializeToString()).digest())
+        h.update(_digest(float_spec))
         for name in sorted(features):
             a = np.ascontiguousarray(features[name][:n])
             h.update(f"{name} {a.dtype} {a.shape}\n".encode())
@@ -263,10 +280,10 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
         try:
             for start in range(0, n, size):
                 batch = _batch(features, start, min(start + size, n))
-                f_out = _slice(cached, start, start + size) if cached is not None else run_model(float_spec, batch, wf)
+                f_out = _slice(cached, start, start + size) if cached is not None else _run(float_spec, batch, wf)
                 if floats is not None:
                     floats.append(f_out)
-                q_out = run_model(quant_spec, batch, wq)
+                q_out = _run(quant_spec, batch, wq)
                 truth = None if labels is None else np.asarray(labels)[start : start + len(next(iter(batch.values())))]
                 tally.add(f_out, q_out, _labels_of(float_spec, f_out), _labels_of(quant_spec, q_out), truth)
                 progress.show(f"evaluating {what}: {min(start + size, n)}/{n} samples")
@@ -282,5 +299,5 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
 def predict(spec, data: dict, names: dict | None = None, samples: int | None = None) -> dict[str, np.ndarray]:
     """The float outputs of one model, flattened per sample (used to validate the evaluator itself)."""
     features, n, _ = input_features(spec, data, names or {}, samples)
-    out = run_model(spec, _batch(features, 0, n))
+    out = _run(spec, _batch(features, 0, n), {})
     return {k: _numeric(v).astype(np.float32) for k, v in out.items() if _numeric(v) is not None}

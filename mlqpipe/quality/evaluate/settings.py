@@ -17,6 +17,13 @@ CLASSIFIER_TYPES = ("neuralNetworkClassifier", "pipelineClassifier")
 ACCURACY_GATES = ("min_accuracy", "max_accuracy_drop")
 
 
+def is_classifier(spec) -> bool:
+    """A classifier model: one of the classifier types, or an ML program that names its predicted class
+    (a converter's `classifier_config`: the program ends with a `classify` op)."""
+    kind = spec.WhichOneof("Type")
+    return kind in CLASSIFIER_TYPES or (kind == "mlProgram" and bool(read_description(spec).predictedFeatureName))
+
+
 def npz_headers(path) -> dict[str, tuple[int, ...]]:
     """Array name -> shape, from the .npy headers inside an .npz (no array data is read)."""
     shapes = {}
@@ -61,16 +68,18 @@ def evaluation_problems(spec, evaluation, gates) -> list[tuple[tuple, str, str]]
     (("evaluation", "labels"), ("gates", "min_accuracy"), ...)."""
     problems: list[tuple[tuple, str, str]] = []
     kind = spec.WhichOneof("Type")
-    classifier = kind in CLASSIFIER_TYPES
+    classifier = is_classifier(spec)
+    what = ("this ML program has no class labels (a converter's classifier_config adds them)" if kind == "mlProgram"
+            else f"this model is a {kind}")
     if gates.min_top1_agreement is not None and not classifier:
-        problems.append((("gates", "min_top1_agreement"), f"top-1 agreement needs a classifier; this model is a {kind}",
+        problems.append((("gates", "min_top1_agreement"), f"top-1 agreement needs a classifier; {what}",
                          "use max_output_error for other models"))
     labels = evaluation.labels if evaluation is not None else None
     for gate in ACCURACY_GATES:
         if getattr(gates, gate) is None:
             continue
         if not classifier:
-            problems.append((("gates", gate), f"accuracy needs a classifier; this model is a {kind}", "use max_output_error"))
+            problems.append((("gates", gate), f"accuracy needs a classifier; {what}", "use max_output_error"))
         elif labels is None or evaluation.data is None:
             problems.append((("gates", gate), "accuracy needs true labels: evaluation.data (an .npz) and evaluation.labels (its array of labels)", ""))
     if evaluation is None or evaluation.data is None:

@@ -432,6 +432,15 @@ def _literal(model, value, where: str):
     return constexpr.read_value(model, value, where)
 
 
+def literal_input(model, op, key: str) -> list:
+    """The values bound in place to an op's input `key` (a list literal as one Python list); [] when absent."""
+    arg = proto.find_entry(op.inputs, key)
+    if arg is None:
+        return []
+    return [_literal(model, b.value, f"{model.source}: op {op_name(op)!r} input {key}") for b in arg.arguments
+            if b.WhichOneof("binding") == "value"]
+
+
 def _bind(block, values: list, step: _Step) -> dict:
     names = [nv.name for nv in block.inputs]
     if len(names) != len(values):
