@@ -258,8 +258,8 @@ class Interpreter:
         if extra:
             raise _not_evaluated(step.name, kind, f"attribute {extra[0]!r}")
         args = {e.key: self._argument(e.key, e.value, entry.tuples, step, env) for e in op.inputs}
-        if self._batch is not None and kind == "reshape" and "shape" in args:
-            args["shape"] = _batch_shape(args["shape"], np.shape(args.get("x")), self._declared_dims(op, "x"), self._batch)
+        if self._batch is not None and kind in _BATCH_ARGUMENTS:
+            args = _BATCH_ARGUMENTS[kind](self, op, args)
         try:
             with np.errstate(all="ignore"):
                 got = entry.fn(**args)
@@ -358,6 +358,28 @@ class Interpreter:
                 break
             state = [_for_op(v) for v in self._run_block(body, f"{path}/{step.name}.blocks[1]", env, _bind(body, state, step))]
         raise _not_evaluated(step.name, op.type, f"more than {MAX_LOOP_ITERATIONS} iterations")
+
+
+def _widen_reshape(it: "Interpreter", op, args: dict) -> dict:
+    if "shape" in args:
+        args["shape"] = _batch_shape(args["shape"], np.shape(args.get("x")), it._declared_dims(op, "x"), it._batch)
+    return args
+
+
+def _widen_states(it: "Interpreter", op, args: dict) -> dict:
+    """A recurrent layer's initial states declared for one sample ([1, H], converters' zero consts) given to
+    every sample of the batch (its input x [T, B, I] carries the batch on axis 1)."""
+    batch = np.shape(args.get("x"))[1:2]
+    for key in ("initial_h", "initial_c"):
+        v = args.get(key)
+        if v is not None and batch and np.ndim(v) == 2 and np.shape(v)[0] == 1 and batch[0] == it._batch:
+            args[key] = np.broadcast_to(v, (it._batch, np.shape(v)[1]))
+    return args
+
+
+# op type -> how its arguments change in a batched run (the values it reads carry the batch; these
+# say where a literal sized for one sample must follow)
+_BATCH_ARGUMENTS = {"reshape": _widen_reshape, "lstm": _widen_states, "gru": _widen_states, "rnn": _widen_states}
 
 
 def _declared_types(block) -> dict[str, Declared]:

@@ -36,3 +36,15 @@ def converted(package_dir):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def digits_cache(package_dir):
+    """digits.Cache of the session: the four digits models trained and converted once (skips without torch,
+    scikit-learn or coremltools)."""
+    for module in ("torch", "sklearn", "coremltools"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the digits models need it)")
+    from .digits import Cache
+
+    return Cache(package_dir / "digits")
