@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlqpipe.fileio import posix_path as _posix
@@ -31,9 +31,13 @@ DEFAULT_CACHE = ".mlqpipe-cache"
 STATE_DIR = ".mlqpipe-state"  # local to a checkout: doit's dep file, validated-recipe marks, run log
 
 
+def _default_cache() -> str:
+    return os.environ.get("MLQPIPE_CACHE") or DEFAULT_CACHE  # as the mlqpipe command: a dodo.py shares the cache
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    cache_dir: str = DEFAULT_CACHE
+    cache_dir: str = field(default_factory=_default_cache)
     salt: str = ""
     allow_custom: bool | tuple = True  # False: --no-custom-code; a tuple: the modules --custom-code-allow names
     read_only_cache: bool = False

@@ -1,10 +1,16 @@
 """Make the ML-program demo model: `digits_mlp.mlmodel` (the demo's MLP) as an iOS18 ML program.
 
-Writes `digits_mlp.mlpackage`: the same function — input `image` [1, 64] float32 (pixel values 0..16) scaled by
-1/16, three dense layers with relu between, softmax — as a MIL program of opset CoreML8 (specification
-version 9, iOS18), so every compression mode applies without raising the deployment target. The weights are
-the .mlmodel's, read with mlqpipe's own loader; every float32 tensor of at least 10 elements (the matrices and
-the biases) is stored in weight.bin, as coremltools stores them.
+Writes `digits_mlp.mlpackage`: the same classifier — input `image` [1, 64] float32 (pixel values 0..16) scaled
+by 1/16, three dense layers with relu between, softmax, then `classify` over the .mlmodel's class labels — as
+a MIL program of opset CoreML8 (specification version 9, iOS18), so every compression mode applies without
+raising the deployment target. The weights are the .mlmodel's, read with mlqpipe's own loader; every float32
+tensor of at least 10 elements (the matrices and the biases) is stored in weight.bin, as coremltools stores them.
+
+The classifier is laid out as coremltools 9.0 lays out a conversion with `classifier_config`: the `classify`
+op binds its `classes` as a list literal (a list of rank-0 int64 or string tensors), returns the label (a
+rank-0 tensor) and the scores (a dictionary of label -> float64), and the description declares them as
+int64/string and dictionary features named by predictedFeatureName / predictedProbabilitiesName — here the
+.mlmodel's own names (classLabel, classProbability), so both demos have the same outputs.
 
 Written only with mlqpipe's messages and package/blob writers (no coremltools, no scikit-learn), and
 deterministic: the same .mlmodel gives the same bytes in any process (Manifest.json's identifiers are derived
@@ -27,16 +33,18 @@ import mlqpipe
 from mlqpipe.artifacts import mapping_digest
 from mlqpipe.errors import ModelError
 from mlqpipe.formats.description import FLOAT32 as ARRAY_FLOAT32
-from mlqpipe.formats.description import ModelDescription
+from mlqpipe.formats.description import ModelDescription, read_description
 from mlqpipe.formats.mlprogram import proto
 from mlqpipe.formats.mlprogram.blob import BLOB_CODE_OF_MIL, BlobWriter
 from mlqpipe.formats.mlprogram.package import MANIFEST_NAME, PACKAGE_FILES, new_manifest, write_package
+from mlqpipe.quality.evaluate.models import class_labels
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "digits_mlp.mlmodel"
 TARGET = HERE / "digits_mlp.mlpackage"
 OPSET, SPEC_VERSION = "CoreML8", 9  # iOS18
-INPUT, OUTPUT = "image", "classProbability"
+INPUT, PROBABILITIES = "image", "probabilities"  # PROBABILITIES: the softmax's output, classify's input
+LABEL, SCORES = "classLabel", "classProbability"  # the .mlmodel's predictedFeatureName / predictedProbabilitiesName
 BLOB_MIN_ELEMENTS = 10  # smaller tensors are stored inline, as coremltools does
 
 
@@ -51,10 +59,14 @@ class Dense:
 
 @dataclass(frozen=True)
 class Mlp:
-    """What the demo .mlmodel computes: softmax(dense_n(... relu(dense_1(input_scale * image))))."""
+    """What the demo .mlmodel computes: classify(softmax(dense_n(... relu(dense_1(input_scale * image))))),
+    `classes` (all int or all str, one per output) naming the outputs; `label` / `scores` name the features."""
 
     input_scale: float
     layers: tuple[Dense, ...]
+    classes: tuple[int, ...] | tuple[str, ...]
+    label: str = LABEL
+    scores: str = SCORES
 
     @property
     def n_inputs(self) -> int:
@@ -85,7 +97,12 @@ def read_mlp(path: Path = SOURCE) -> Mlp:
     dense = tuple(Dense(layer.name, records[(layer.name, "weights")].values().astype(np.float32),
                         records[(layer.name, "bias")].values().astype(np.float32).reshape(-1))
                   for layer in layers if layer.WhichOneof("layer") == "innerProduct")
-    return Mlp(float(scale[0]), dense)
+    classes = class_labels(model.spec.neuralNetworkClassifier)
+    desc = read_description(model.spec)
+    if not classes or len(classes) != dense[-1].weight.shape[0] or not desc.predictedProbabilitiesName:
+        raise ModelError(f"{path}: the classifier has {len(classes or [])} class labels for {dense[-1].weight.shape[0]} "
+                         "outputs, or no predictedProbabilitiesName; regenerate it with make_model.py")
+    return Mlp(float(scale[0]), dense, tuple(classes), desc.predictedFeatureName, desc.predictedProbabilitiesName)
 
 
 # --- MIL building blocks (mlqpipe has no from-scratch program builder; these are the few pieces needed) ------
@@ -137,6 +154,52 @@ def operation(op_type: str, name: str, inputs: dict[str, str], out_shape: tuple[
     return op
 
 
+def label_dtype(classes) -> int:
+    """INT64 for int labels, STRING for str labels (Core ML's two kinds of class label)."""
+    if all(isinstance(c, str) for c in classes):
+        return proto.STRING
+    if all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in classes):
+        return proto.INT64
+    raise ModelError(f"class labels {list(classes)[:5]}...: Core ML labels are all int64 or all strings")
+
+
+def label_value(label, dtype: int) -> "proto.Value":
+    """One class label as a rank-0 tensor literal (an element of `classify`'s `classes` list)."""
+    v = proto.Value()
+    v.type.CopyFrom(tensor_type(dtype, ()))
+    if dtype == proto.STRING:
+        v.immediateValue.tensor.strings.values.append(label)
+    else:
+        v.immediateValue.tensor.longInts.values.append(int(label))
+    return v
+
+
+def classes_value(classes) -> "proto.Value":
+    """`classify`'s `classes`: a list literal of rank-0 label tensors with a constant length, bound in place
+    (not a const op), as coremltools writes it."""
+    dtype = label_dtype(classes)
+    v = proto.Value()
+    v.type.listType.type.CopyFrom(tensor_type(dtype, ()))
+    v.type.listType.length.constant.size = len(classes)
+    v.immediateValue.list.values.extend(label_value(c, dtype) for c in classes)
+    return v
+
+
+def classify(mlp: Mlp, probabilities: str) -> "proto.Operation":
+    """The classifier head: outputs the top label (rank-0 int64/string) and the scores (dictionary label ->
+    float64, the value type coremltools declares), named like the description's features."""
+    dtype = label_dtype(mlp.classes)
+    op = proto.Operation(type="classify")
+    op.inputs.add(key="probabilities").value.arguments.add(name=probabilities)
+    op.inputs.add(key="classes").value.arguments.add().value.CopyFrom(classes_value(mlp.classes))
+    op.outputs.add(name=mlp.label).type.CopyFrom(tensor_type(dtype, ()))
+    scores = op.outputs.add(name=mlp.scores).type.dictionaryType
+    scores.keyType.CopyFrom(tensor_type(dtype, ()))
+    scores.valueType.CopyFrom(tensor_type(proto.FLOAT64, ()))
+    op.attributes.add(key="name").value.CopyFrom(string_value("classify"))
+    return op
+
+
 def const(name: str, array: np.ndarray, blobs: BlobWriter) -> "proto.Operation":
     value = tensor_value(array, blobs)
     dtype = value.type.tensorType.dataType
@@ -163,7 +226,8 @@ def mlp_operations(mlp: Mlp, blobs: BlobWriter) -> list:
             ops.append(operation("relu", relu, {"x": x}, out))
             x = relu
     ops += [const("softmax_axis", np.array(-1, np.int32), blobs),
-            operation("softmax", OUTPUT, {"x": x, "axis": "softmax_axis"}, batch + (mlp.n_outputs,))]
+            operation("softmax", PROBABILITIES, {"x": x, "axis": "softmax_axis"}, batch + (mlp.n_outputs,)),
+            classify(mlp, PROBABILITIES)]
     return ops
 
 
@@ -172,9 +236,15 @@ def description(mlp: Mlp) -> bytes:
     image = desc.input.add(name=INPUT, shortDescription="8x8 digit, pixel values 0..16, row major")
     image.type.multiArrayType.shape.extend([1, mlp.n_inputs])
     image.type.multiArrayType.dataType = ARRAY_FLOAT32
-    probs = desc.output.add(name=OUTPUT, shortDescription="probability of each digit 0..9")
-    probs.type.multiArrayType.shape.extend([1, mlp.n_outputs])
-    probs.type.multiArrayType.dataType = ARRAY_FLOAT32
+    label = desc.output.add(name=mlp.label, shortDescription="the most likely class")
+    scores = desc.output.add(name=mlp.scores, shortDescription="probability of each class")
+    if label_dtype(mlp.classes) == proto.STRING:
+        label.type.stringType = b""
+        scores.type.dictionaryType.stringKeyType = b""
+    else:
+        label.type.int64Type = b""
+        scores.type.dictionaryType.int64KeyType = b""
+    desc.predictedFeatureName, desc.predictedProbabilitiesName = mlp.label, mlp.scores
     desc.metadata.shortDescription = "The mlqpipe demo's digits MLP (digits_mlp.mlmodel) as an iOS18 ML program"
     return desc.SerializeToString()
 
@@ -193,7 +263,7 @@ def build_model(mlp: Mlp) -> tuple["proto.Model", bytes | None]:
     main.inputs.add(name=INPUT).type.CopyFrom(tensor_type(proto.FLOAT32, (1, mlp.n_inputs)))
     main.opset = OPSET
     block = main.block_specializations.add(key=OPSET).value
-    block.outputs.append(OUTPUT)
+    block.outputs.extend([mlp.label, mlp.scores])
     block.operations.extend(ops)
     return model, weights
 

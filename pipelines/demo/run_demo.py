@@ -24,6 +24,15 @@ def _report(recipe, job) -> dict:
     return json.loads(recipe.report_paths(job)[0].read_text())
 
 
+def _row(name: str, report: dict) -> str:
+    """One model's line: size from the totals, accuracy and agreement where the build evaluated it."""
+    t, ev = report["totals"], report.get("evaluation") or {}
+    size = f"{name:<22}{t['bytes_before']:>14}{t['bytes_after']:>9}{t['compression']:>8.2f}"
+    if ev.get("accuracy_float") is None:
+        return size + f"  (not evaluated: {ev.get('reason') or 'no labelled data'})"
+    return size + f"{ev['accuracy_float']:>16.3f}{ev['accuracy_quantized']:>11.3f}{ev['top1_agreement']:>11.3f}"
+
+
 def main() -> int:
     os.chdir(ROOT)
     nn, program = (load_recipe(path) for path in RECIPES)
@@ -33,15 +42,9 @@ def main() -> int:
     if status != 0:
         return status
     print(f"\n{'model':<22}{'bytes before':>14}{'after':>9}{'ratio':>8}{'accuracy float':>16}{'quantized':>11}{'agreement':>11}")
-    for job in nn.models:
-        report = _report(nn, job)
-        t, ev = report["totals"], report["evaluation"]
-        print(f"{job.input.name:<22}{t['bytes_before']:>14}{t['bytes_after']:>9}{t['compression']:>8.2f}"
-              f"{ev['accuracy_float']:>16.3f}{ev['accuracy_quantized']:>11.3f}{ev['top1_agreement']:>11.3f}")
-    for job in program.models:  # size only: evaluating ML programs comes with issue #18
-        t = _report(program, job)["totals"]
-        print(f"{job.input.name:<22}{t['bytes_before']:>14}{t['bytes_after']:>9}{t['compression']:>8.2f}"
-              f"{'(not evaluated: ML program)':>38}")
+    for recipe in (nn, program):
+        for job in recipe.models:
+            print(_row(job.input.name, _report(recipe, job)))
     print(f"\nreports: mlqpipe report {nn.path}  (or {program.path}); Markdown in build/demo/")
     return 0
 

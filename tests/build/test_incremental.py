@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mlqpipe.build import tasks as build_tasks
+from mlqpipe.artifacts import digest
 from mlqpipe.cli import main
 from tests.conftest import REPO
 
@@ -187,10 +188,14 @@ def test_shared_cache_two_checkouts_parallel_spawn(tmp_path):
                               cwd=d, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         summary_line = [l for l in proc.stdout.splitlines() if l.startswith("mlqpipe build:")][0]
-        outs.append((summary_line, {p.relative_to(d): p.read_bytes() for p in (d / "build").rglob("*.mlmodel")}))
-    assert outs[0][0].startswith("mlqpipe build: 9 built, 0 from cache")
-    assert outs[1][0].startswith("mlqpipe build: 0 built, 9 from cache")
-    assert outs[0][1] == outs[1][1] and len(outs[0][1]) == 9
+        models = [p for p in (d / "build").rglob("*")
+                  if p.suffix in (".mlmodel", ".mlpackage") and not any(q.suffix == ".mlpackage" for q in p.parents)]
+        outs.append((summary_line, {p.relative_to(d): digest(p) for p in models}))
+    count = len(outs[0][1])
+    assert count == 13 and sum(p.suffix == ".mlpackage" for p in outs[0][1]) == 4  # every example recipe's outputs
+    assert outs[0][0].startswith(f"mlqpipe build: {count} built, 0 from cache")
+    assert outs[1][0].startswith(f"mlqpipe build: 0 built, {count} from cache")
+    assert outs[0][1] == outs[1][1]
 
 
 def test_noop_build_imports_nothing_heavy(project, capsys):

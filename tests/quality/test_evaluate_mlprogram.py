@@ -8,7 +8,6 @@ reference values are numpy's own arithmetic on the same weights."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,60 +15,26 @@ import pytest
 import mlqpipe
 from mlqpipe.quality.evaluate import compare
 from mlqpipe.quality.evaluate.compare import FloatCache, evaluate, predict
+from tests.quality.digits_linear import digits, fit, softmax_probs, write_classifier
 
 ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil.mil import Builder as mb  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "pipelines" / "demo" / "digits_test.npz"
-
-
-def _digits():
-    with np.load(DATA) as d:
-        return d["X"].astype(np.float32), d["y"].astype(np.int64)
-
-
-def _fit(x, y):
-    """A linear digits classifier fitted by ridge least squares on one-hot targets (float32 weights)."""
-    a = np.hstack([x / 16.0, np.ones((len(x), 1), np.float32)]).astype(np.float64)
-    t = np.eye(10)[y]
-    w = np.linalg.solve(a.T @ a + 1e-1 * np.eye(a.shape[1]), a.T @ t)
-    return w[:-1].T.astype(np.float32) / 16.0, w[-1].astype(np.float32)  # weight [10, 64] on raw pixels, bias [10]
-
-
-def _softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _classifier(path: Path, weight, bias, labels) -> None:
-    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 64))], opset_version=ct.target.iOS18)
-    def prog(x):
-        return mb.softmax(x=mb.linear(x=x, weight=weight, bias=bias, name="fc"), axis=-1, name="probs")
-
-    ct.convert(prog, convert_to="mlprogram", classifier_config=ct.ClassifierConfig(labels), pass_pipeline=ct.PassPipeline.EMPTY,
-               minimum_deployment_target=ct.target.iOS18).save(str(path))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    x, y = _digits()
-    weight, bias = _fit(x, y)
+    x, y = digits()
+    weight, bias = fit(x, y)
     root = tmp_path_factory.mktemp("evaluate-mlprogram")
-    _classifier(root / "int.mlpackage", weight, bias, list(range(10)))
-    _classifier(root / "str.mlpackage", weight, bias, [f"digit {i}" for i in range(10)])
+    write_classifier(root / "int.mlpackage", weight, bias, list(range(10)))
+    write_classifier(root / "str.mlpackage", weight, bias, [f"digit {i}" for i in range(10)])
     return root, weight, bias
-
-
-def _numpy_probs(x, weight, bias):
-    return _softmax(x.astype(np.float64) @ weight.T.astype(np.float64) + bias)
 
 
 def test_a_classifier_program_is_evaluated_as_numpy_computes_it(trained):
     root, weight, bias = trained
-    x, y = _digits()
+    x, y = digits()
     model = mlqpipe.load_model(root / "int.mlpackage")
-    probs = _numpy_probs(x, weight, bias)
+    probs = softmax_probs(x, weight, bias)
     got = predict(model, {"x": x})["classLabel_probs"]
     assert got.shape == (len(x), 10)
     assert np.abs(got - probs).max() <= 1e-5
@@ -83,7 +48,7 @@ def test_a_classifier_program_is_evaluated_as_numpy_computes_it(trained):
 
 def test_string_class_labels_are_compared_as_labels(trained):
     root, _, _ = trained
-    x, y = _digits()
+    x, y = digits()
     model = mlqpipe.load_model(root / "str.mlpackage")
     r = evaluate(model, model, {"x": x}, labels=np.array([f"digit {i}" for i in y]))
     assert r.evaluated and r.accuracy_float > 0.85 and r.top1_agreement == 1.0
@@ -91,7 +56,7 @@ def test_string_class_labels_are_compared_as_labels(trained):
 
 def test_after_compression_the_accuracy_is_that_of_the_decoded_weights(trained):
     root, weight, bias = trained
-    x, y = _digits()
+    x, y = digits()
     float_model = mlqpipe.load_model(root / "int.mlpackage")
     import mlqpipe.optimize as opt
 
@@ -99,18 +64,18 @@ def test_after_compression_the_accuracy_is_that_of_the_decoded_weights(trained):
     quantized = mlqpipe.palettize_weights(root / "int.mlpackage", config)
     decoded = next(r for r in mlqpipe.inventory(quantized) if r.compressed and r.values().size == weight.size).values()
     assert not np.array_equal(decoded, weight)
-    want_probs = _numpy_probs(x, decoded.astype(np.float32), bias)
+    want_probs = softmax_probs(x, decoded.astype(np.float32), bias)
     r = evaluate(float_model, quantized, {"x": x}, labels=y)
     assert r.accuracy_quantized == pytest.approx(float(np.mean(want_probs.argmax(1) == y)), abs=1 / len(x))
-    assert r.top1_agreement == pytest.approx(float(np.mean(want_probs.argmax(1) == _numpy_probs(x, weight, bias).argmax(1))), abs=1 / len(x))
-    ref = _numpy_probs(x, weight, bias)
+    assert r.top1_agreement == pytest.approx(float(np.mean(want_probs.argmax(1) == softmax_probs(x, weight, bias).argmax(1))), abs=1 / len(x))
+    ref = softmax_probs(x, weight, bias)
     rel = float(np.linalg.norm(want_probs - ref) / np.linalg.norm(ref))
     assert r.outputs["classLabel_probs"]["relative_l2"] == pytest.approx(rel, rel=1e-3)
 
 
 def test_float_outputs_are_cached_by_the_program_and_its_weights(trained, tmp_path, monkeypatch):
     root, weight, bias = trained
-    x, y = _digits()
+    x, y = digits()
     model = mlqpipe.load_model(root / "int.mlpackage")
     cache = FloatCache(tmp_path / "cache")
     first = evaluate(model, model, {"x": x}, labels=y, cache=cache)
@@ -123,7 +88,7 @@ def test_float_outputs_are_cached_by_the_program_and_its_weights(trained, tmp_pa
     float_runs = len(runs)
     # the same program with other weights: another key, so the float model runs again
     other = tmp_path / "other.mlpackage"
-    _classifier(other, weight[::-1].copy(), bias, list(range(10)))
+    write_classifier(other, weight[::-1].copy(), bias, list(range(10)))
     twin = mlqpipe.load_model(other)
     assert twin.spec.mlProgram == model.spec.mlProgram  # same ops and names: only weight.bin differs
     assert FloatCache.key(twin, {"x": x}, len(x)) != FloatCache.key(model, {"x": x}, len(x))
@@ -183,7 +148,7 @@ def test_a_program_with_a_fixed_batch_is_not_fed_samples(tmp_path):
 
 def test_a_copy_of_a_package_evaluates_like_the_package(trained, tmp_path):
     root, _, _ = trained
-    x, y = _digits()
+    x, y = digits()
     shutil.copytree(root / "int.mlpackage", tmp_path / "copy.mlpackage")
     a, b = mlqpipe.load_model(root / "int.mlpackage"), mlqpipe.load_model(tmp_path / "copy.mlpackage")
     assert FloatCache.key(a, {"x": x}, len(x)) == FloatCache.key(b, {"x": x}, len(x))

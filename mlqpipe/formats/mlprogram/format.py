@@ -75,16 +75,10 @@ class MLProgramFormat:
         return m.spec.specificationVersion
 
     def size(self, m) -> int:
-        """Bytes of the package as it would be written: the model message and every referenced blob."""
-        from mlqpipe.formats.mlprogram.model import blob_values
+        """Bytes of the package as `save` writes it (every file; see model.written_size)."""
+        from mlqpipe.formats.mlprogram.model import written_size
 
-        seen, total = set(), m.spec.ByteSize()
-        for _, value in blob_values(m.spec):
-            ref = (value.blobFileValue.fileName, value.blobFileValue.offset)
-            if ref not in seen:
-                seen.add(ref)
-                total += 64 + m.blob_file(ref[0]).blob(ref[1]).size_in_bytes
-        return total
+        return written_size(m)
 
     def raise_version(self, m, change: str) -> None:
         """Compressed-weight ops need iOS16: the writer refuses a function below it (raising a program's

@@ -21,10 +21,10 @@ from google.protobuf.message import DecodeError
 
 from mlqpipe.errors import ModelError
 from mlqpipe.formats.mlprogram import proto
-from mlqpipe.formats.mlprogram.blob import BlobFile, BlobWriter
+from mlqpipe.formats.mlprogram.blob import HEADER_SIZE, METADATA_SIZE, BlobFile, BlobWriter, align
 from mlqpipe.formats.mlprogram.package import (
-    COREML_AUTHOR, PACKAGE_FILES, WEIGHTS_NAME, PackageLayout, copy_other_items, dump_manifest, item_identifier, read_layout,
-    resolve_blob_file, write_package,
+    COREML_AUTHOR, PACKAGE_FILES, WEIGHTS_NAME, PackageLayout, copy_other_items, dump_manifest, item_identifier,
+    other_items_size, read_layout, resolve_blob_file, write_package,
 )
 from mlqpipe.formats.mlprogram.program import blob_dtype_code, immediate_array, tensor_type, walk
 
@@ -254,30 +254,60 @@ def _value_site(source: str, site, key: str) -> str:
     return f"{source}: op {site.name!r} ({site.op.type} in {site.block}){parameter}"
 
 
-def _rewrite_blobs(model: MLProgram, spec, root: Path) -> None:
-    """Write every referenced blob into the new package and point the values of `spec` at the new offsets:
-    per weight file, the input's blobs first in their offset order (copied without decoding, each once
-    however many values share it), then the blobs written since loading (SCRATCH), which go into the
-    package's main weight file, in the order they were written."""
+def _blob_files(spec) -> dict[str, tuple[list, list]]:
+    """The weight files a written package holds, by `fileName`, each with the values stored in it and the
+    order its blobs are written in: the input's blobs first in their offset order (each once however many
+    values share it), then the blobs written since loading (SCRATCH, which go into the package's main weight
+    file), in the order they were written. A key is (1 for SCRATCH else 0, offset)."""
     refs: dict[str, list] = {}
     for _, value in blob_values(spec):
         name = value.blobFileValue.fileName
         refs.setdefault(PACKAGE_FILES.blob_file_name if name == SCRATCH else name, []).append(value)
+    out = {}
     for file_name, values in refs.items():
-        old = [v for v in values if v.blobFileValue.fileName != SCRATCH]
-        new = [v for v in values if v.blobFileValue.fileName == SCRATCH]
-        rel = _weight_file_rel(model, file_name)
-        out = root / rel
+        keys = {(int(v.blobFileValue.fileName == SCRATCH), v.blobFileValue.offset) for v in values}
+        out[file_name] = (values, sorted(keys))
+    return out
+
+
+def _point_values(values: list, file_name: str, moved: dict) -> None:
+    for v in values:
+        v.blobFileValue.offset = moved[(int(v.blobFileValue.fileName == SCRATCH), v.blobFileValue.offset)]
+        v.blobFileValue.fileName = file_name
+
+
+def _rewrite_blobs(model: MLProgram, spec, root: Path) -> None:
+    """Write every referenced blob into the new package (copied without decoding, in `_blob_files` order)
+    and point the values of `spec` at the new offsets."""
+    for file_name, (values, keys) in _blob_files(spec).items():
+        out = root / _weight_file_rel(model, file_name)
         out.parent.mkdir(parents=True, exist_ok=True)
         moved: dict = {}
         with BlobWriter(out) as writer:
-            for key in sorted({(0, v.blobFileValue.offset) for v in old}) + sorted({(1, v.blobFileValue.offset) for v in new}):
+            for key in keys:
                 source = model.blob_file(SCRATCH if key[0] else file_name)
                 moved[key] = writer.copy_from(source, key[1])
                 source.release(key[1])
-        for v in values:
-            v.blobFileValue.offset = moved[(int(v.blobFileValue.fileName == SCRATCH), v.blobFileValue.offset)]
-            v.blobFileValue.fileName = file_name
+        _point_values(values, file_name, moved)
+
+
+def written_size(model: MLProgram) -> int:
+    """Bytes of the package `save` writes (every file), computed without writing: the blobs laid out as
+    the writer lays them out (header, then per blob a 64-byte-aligned metadata record and its data), the
+    model message with the offsets it will hold, the manifest and the other items copied."""
+    spec = proto.Model.FromString(model.spec.SerializeToString())
+    total = 0
+    for file_name, (values, keys) in _blob_files(spec).items():
+        pos, moved = HEADER_SIZE, {}
+        for key in keys:
+            info = model.blob_file(SCRATCH if key[0] else file_name).blob(key[1])
+            moved[key] = align(pos)
+            pos = moved[key] + METADATA_SIZE + info.size_in_bytes
+        total += pos
+        _point_values(values, file_name, moved)
+    data = spec.SerializeToString()
+    manifest = model.layout.manifest_bytes if data == model._model_bytes else _derived_manifest(model.layout, data)
+    return total + len(data) + len(manifest) + other_items_size(model.layout)
 
 
 def _weight_file_rel(model: MLProgram, file_name: str) -> Path:

@@ -465,6 +465,14 @@ def copy_other_items(layout: PackageLayout, root) -> list[str]:
     return copied
 
 
+def other_items_size(layout: PackageLayout) -> int:
+    """Bytes of the files `copy_other_items` copies (what a written package holds besides the manifest, the
+    model and the weights)."""
+    where = os.fspath(layout.root)
+    return sum(source.stat().st_size for rel, source in _package_files(layout.root, where)
+               if rel != MANIFEST_NAME and not _is_model_or_weights(layout, source) and source.is_file())
+
+
 def _is_model_or_weights(layout: PackageLayout, path: Path) -> bool:
     """Whether a file of the package is what the writer writes anew: the root model or a weights file
     (by its path, or by what a link to it resolves to)."""

@@ -145,13 +145,16 @@ def _labels_of(spec, out: dict):
 class _Tally:
     """Sums over batches: everything the comparison reports, without keeping outputs."""
 
-    def __init__(self):
+    def __init__(self, labels_output: str = ""):
+        self.labels_output = labels_output  # a classifier's predicted class: compared by top-1 agreement, not as numbers
         self.err2, self.ref2, self.max_abs = {}, {}, {}
         self.agree = self.correct_f = self.correct_q = self.n = self.labelled = 0
         self.classifier = False
 
     def add(self, f_out: dict, q_out: dict, f_labels, q_labels, truth):
         for name in sorted(f_out):
+            if name == self.labels_output:
+                continue
             a, b = _numeric(f_out[name]), _numeric(q_out.get(name)) if name in q_out else None
             if a is None or b is None or a.shape != b.shape:
                 continue
@@ -275,7 +278,8 @@ def evaluate(float_spec, quant_spec, data: dict | None, *, names: dict | None = 
         key = FloatCache.key(float_spec, features, n) if cache is not None else None
         cached = cache.get(key) if cache is not None else None
         floats = [] if cached is None else None
-        tally = _Tally()
+        spec = _spec(float_spec)
+        tally = _Tally(read_description(spec).predictedFeatureName if is_classifier(spec) else "")
         progress = StatusLine()
         try:
             for start in range(0, n, size):
