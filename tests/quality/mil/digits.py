@@ -14,6 +14,7 @@ torch, scikit-learn and coremltools are test-only; they are imported inside the 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ INPUT = "x"
 OUTPUT = "logits"
 TRAIN = 1500  # first 1500 images train, the other 297 test (the classic split of this dataset)
 SEED = 0
+TARGET = "iOS16"  # the packages' default minimum deployment target
 
 # per model: the batch-1 input shape, epochs, learning rate (tuned for >= 0.9 / >= 0.85 test accuracy in a few seconds)
 SHAPES = {"convnet": (1, 1, 8, 8), "mlp": (1, 64), "transformer": (1, 8, 8), "lstm": (1, 8, 8)}
@@ -151,10 +153,11 @@ def torch_logits(module, x: np.ndarray) -> np.ndarray:
         return module.eval()(torch.from_numpy(x)).numpy()
 
 
-def convert(module, name: str, path, classifier: bool = False) -> None:
+def convert(module, name: str, path, classifier: bool = False, target: str = TARGET) -> None:
     """Save `module` as coremltools 9.0 does for a user: traced on a batch-1 example, float32 ML program for
-    iOS16, input `x`, output `logits`, the default pass pipeline. `classifier`: with coremltools'
-    classifier_config (classes 0..9; outputs `classLabel` and its scores `classLabel_probs`, the logits)."""
+    `target` (iOS16 by default), input `x`, output `logits`, the default pass pipeline. `classifier`: with coremltools'
+    classifier_config (classes 0..9; outputs `classLabel` and its scores `classLabel_probs`, the logits).
+    `target`: "iOS18" for the compressions that need it (int4, per_block, joint)."""
     import torch
     import coremltools as ct
 
@@ -162,7 +165,7 @@ def convert(module, name: str, path, classifier: bool = False) -> None:
     traced = torch.jit.trace(module.eval(), example)
     labels = dict(classifier_config=ct.ClassifierConfig(list(range(10)))) if classifier else dict(outputs=[ct.TensorType(name=OUTPUT)])
     model = ct.convert(traced, inputs=[ct.TensorType(name=INPUT, shape=SHAPES[name], dtype=np.float32)], convert_to="mlprogram",
-                       minimum_deployment_target=ct.target.iOS16, compute_precision=ct.precision.FLOAT32,
+                       minimum_deployment_target=getattr(ct.target, target), compute_precision=ct.precision.FLOAT32,
                        skip_model_load=True, **labels)
     model.save(str(path))
 
@@ -270,6 +273,62 @@ def numpy_forward(name: str, module_or_weights) -> Callable[[np.ndarray], np.nda
     return {"convnet": _convnet, "mlp": _mlp, "transformer": _transformer, "lstm": _lstm}[name](p)
 
 
+# --- compressions a user would try (mlqpipe's coremltools-compatible API) ----------------------------------------
+
+# more than 64 values: every matrix of the four models (144 to 8192 values; biases and layer norms are rank 1,
+# which is never compressed), but not the LSTM's all-zero initial states (1 x 32)
+WEIGHT_THRESHOLD = 64
+
+
+@dataclass(frozen=True)
+class Compression:
+    """One compression as API calls: (mlqpipe function, op config keyword arguments, joint_compression) applied
+    in order with that config as the global config. `target`: the deployment target the settings need (the
+    API refuses int4, per_block and joint compression on an iOS16 program)."""
+
+    name: str
+    target: str
+    steps: tuple[tuple[str, str, dict, bool], ...]  # (function, config class, its arguments, joint_compression)
+
+    def apply(self, path) -> tuple[object, list[str]]:
+        """(the compressed MLProgram, the API's warnings: weights it left as they are, and why)."""
+        import warnings
+
+        import mlqpipe
+        from mlqpipe import optimize
+
+        model = path
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for function, config, arguments, joint in self.steps:
+                op_config = getattr(optimize, config)(weight_threshold=WEIGHT_THRESHOLD, **arguments)
+                model = getattr(mlqpipe, function)(model, optimize.OptimizationConfig(global_config=op_config),
+                                                   joint_compression=joint)
+        return model, [str(w.message) for w in said if issubclass(w.category, UserWarning)]
+
+
+def _step(function: str, config: str, joint: bool = False, **arguments) -> tuple[str, str, dict, bool]:
+    return function, config, arguments, joint
+
+
+_PRUNE_HALF = _step("prune_weights", "OpMagnitudePrunerConfig", target_sparsity=0.5)
+COMPRESSIONS = {c.name: c for c in (
+    Compression("int8 per-channel", "iOS16", (_step("linear_quantize_weights", "OpLinearQuantizerConfig"),)),
+    Compression("int4 per-block 32", "iOS18", (_step("linear_quantize_weights", "OpLinearQuantizerConfig", dtype="int4",
+                                                     granularity="per_block", block_size=32),)),
+    Compression("palettize 4-bit k-means", "iOS16", (_step("palettize_weights", "OpPalettizerConfig", mode="kmeans", nbits=4),)),
+    Compression("palettize 2-bit k-means", "iOS16", (_step("palettize_weights", "OpPalettizerConfig", mode="kmeans", nbits=2),)),
+    Compression("prune 75%", "iOS16", (_step("prune_weights", "OpMagnitudePrunerConfig", target_sparsity=0.75),)),
+    Compression("prune 50% + palettize 4-bit (joint)", "iOS18",
+                (_PRUNE_HALF, _step("palettize_weights", "OpPalettizerConfig", True, mode="kmeans", nbits=4))),
+)}
+
+
+def package_bytes(path) -> int:
+    """Bytes of a package on disk (every file in it)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 # --- once per process ------------------------------------------------------------------------------------------
 
 
@@ -281,12 +340,14 @@ def source_key() -> str:
 @dataclass
 class Cache:
     """Trained modules and their packages, made once per process; state dicts (`<name>.pt`) and packages
-    (`<name>.mlpackage`) are kept in `directory`, so a later process with the same directory reuses them."""
+    (`<name>[.ios18][.classifier].mlpackage`) are kept in `directory`, so a later process with the same
+    directory reuses them. Compressed packages (`compressed`) are remade by every process."""
 
     directory: Path
     seconds: dict[str, float] = field(default_factory=dict)  # training seconds per model trained here
     convert_seconds: dict[str, float] = field(default_factory=dict)  # conversion seconds per package made here
     _modules: dict = field(default_factory=dict)
+    _compressed: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.directory = Path(self.directory)
@@ -310,11 +371,33 @@ class Cache:
             self._modules[name] = module
         return self._modules[name]
 
-    def package(self, name: str, classifier: bool = False) -> Path:
-        path = self.directory / f"{name}{'.classifier' if classifier else ''}.mlpackage"
+    def package(self, name: str, classifier: bool = False, target: str = TARGET) -> Path:
+        suffix = ("" if target == TARGET else f".{target.lower()}") + (".classifier" if classifier else "")
+        path = self.directory / f"{name}{suffix}.mlpackage"
         if not (path / "Manifest.json").exists():
             module = self.module(name)
             t = time.perf_counter()
-            convert(module, name, path, classifier)
+            convert(module, name, path, classifier, target)
             self.convert_seconds[path.stem] = time.perf_counter() - t
         return path
+
+    def compressed(self, name: str, compression: str) -> tuple[Path, list[str], float]:
+        """(path, API warnings, seconds) of the classifier package of `name` compressed by
+        COMPRESSIONS[compression], saved under `directory`/compressed; made anew once per process (the
+        compressor may have changed since another process saved it)."""
+        key = (name, compression)
+        if key not in self._compressed:
+            import shutil
+
+            c = COMPRESSIONS[compression]
+            source = self.package(name, classifier=True, target=c.target)
+            t = time.perf_counter()
+            program, said = c.apply(source)
+            seconds = time.perf_counter() - t
+            path = self.directory / "compressed" / f"{name}.{re.sub('[^a-z0-9]+', '-', c.name.lower()).strip('-')}.mlpackage"
+            shutil.rmtree(path, ignore_errors=True)
+            path.parent.mkdir(exist_ok=True)
+            program.save(path)
+            program.close()
+            self._compressed[key] = (path, said, seconds)
+        return self._compressed[key]
