@@ -22,8 +22,9 @@ ALLOWED = {
     "quality": {"errors", "fileio", "artifacts", "terminal", "formats"},
     "engine": {"errors", "fileio", "artifacts", "quant", "formats", "recipe", "quality"},
     "optimize": {"errors", "fileio", "artifacts", "quant", "formats", "engine"},  # coremltools.optimize.coreml's API for ML programs
+    "search": {"errors", "fileio", "artifacts", "terminal", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
     "build": {"errors", "fileio", "artifacts", "terminal", "formats", "recipe", "engine", "quality", "mlqpipe"},
-    "cli": {"errors", "fileio", "artifacts", "terminal", "schema", "formats", "recipe", "engine", "quality", "build", "mlqpipe"},
+    "cli": {"errors", "fileio", "artifacts", "terminal", "schema", "formats", "recipe", "engine", "quality", "build", "search", "mlqpipe"},
     "mlqpipe": set(),  # __init__: the public names are loaded lazily, by name
 }
 

@@ -175,6 +175,7 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
         paths += found
     from mlqpipe.errors import RecipeError
     from mlqpipe.recipe import check_recipe_collisions
+    from mlqpipe.recipe.load import for_building
 
     recipes, problems = [], []
     for path in paths:
@@ -182,6 +183,11 @@ def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs)
             recipes.append(load_for_build(path, options))
         except RecipeError as e:
             problems += e.problems or [Problem(path, 0, 0, "", str(e))]
+    try:
+        recipes, unresolved = for_building(recipes, lambda p: load_for_build(p, options))
+    except RecipeError as e:
+        recipes, unresolved = [], e.problems or [Problem("", 0, 0, "", str(e))]
+    problems += unresolved
     problems += check_recipe_collisions(recipes)
     if problems:
         yield {"basename": "mlqpipe-invalid-recipes", "actions": [(report_problems, [[str(p) for p in problems]])], "verbosity": 2}

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     _root_option(s)
     s.set_defaults(run=lambda a: _commands().quantize(a.recipes, _custom_policy(a), a.verbose, a.allow_outside_root))
 
+    s = add("search", help="find per weight group the smallest setting that keeps the gates; write a resolved recipe")
+    s.add_argument("recipes", nargs="+", metavar="RECIPE")
+    s.add_argument("-j", "--jobs", type=int, default=1, help="parallel trial processes")
+    _build_options(s)
+    s.set_defaults(run=lambda a: _commands().search(a.recipes, _options(a), a.jobs, a.verbose))
+
     s = add("build", help="build recipes through doit: cached, incremental, reproducible")
     s.add_argument("recipes", nargs="*", metavar="RECIPE", default=["recipes/*.yaml", "pipelines/**/*.yaml"],
                    help="recipe files or globs (default: recipes/*.yaml and pipelines/**/*.yaml)")

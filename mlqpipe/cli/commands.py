@@ -29,6 +29,10 @@ def load_all(paths, *, plan: bool = True, allow_outside_root: bool = False):
             model_plans, found = plan_recipe(r)
             plans[r.path] = model_plans
             problems += found
+            if r.search is not None:
+                from mlqpipe.search.groups import search_problems
+
+                problems += search_problems(model_plans, r)
     return recipes, plans, problems
 
 
@@ -130,7 +134,11 @@ def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: boo
     from mlqpipe.quality.gates import GateFailure
     from mlqpipe.quality.tables import outputs_table
 
+    from mlqpipe.recipe.load import for_building
+
     recipes, _, problems = load_all(paths, allow_outside_root=allow_outside_root)
+    raise_problems(problems)
+    recipes, problems = for_building(recipes, lambda p: load_recipe(p, allow_outside_root=allow_outside_root))
     raise_problems(problems)
     rows, status = [], 0
     for r in recipes:
@@ -149,3 +157,37 @@ def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: boo
     sys.stderr.flush()
     print(outputs_table(rows))
     return status
+
+
+def search(paths, options, jobs: int = 1, verbose: int = 0) -> int:
+    """Search every recipe; write each one's resolved recipe and search report; print a table per model."""
+    from pathlib import Path
+
+    from mlqpipe.build.cache import Cache
+    from mlqpipe.search.resolve import write_report, write_resolved
+    from mlqpipe.search.run import search_recipe
+
+    recipes, _, problems = load_all(paths, allow_outside_root=options.allow_outside_root)
+    for r in recipes:
+        if r.search is None:
+            problems.append(Problem(str(r.path), 0, 0, "", f"{_rel(r.path)} has no search: section (or search: null): nothing to search",
+                                    "add search: {rules: [...], candidates: [...]}, or build the recipe"))
+    raise_problems(problems)
+    cache = Cache(Path(options.cache_dir), options.read_only_cache)
+    for r in recipes:
+        results = search_recipe(r, cache=cache, cache_dir=None if options.read_only_cache else options.cache_dir, jobs=jobs,
+                                allow_custom=options.allow_custom)
+        resolved = write_resolved(r, results)
+        reports = write_report(r, results)
+        print(f"{_rel(r.path)} -> {_rel(resolved)}  (report: {_rel(reports[1])})")
+        for res in results:
+            acc = ("" if res.final.accuracy_quantized is None else
+                   f", accuracy {res.final.accuracy_float:.4f} -> {res.final.accuracy_quantized:.4f}")
+            print(f"  {res.job.input.name}: {res.float_size} -> {res.final.size} bytes{acc}; "
+                  f"{res.trials_run} trials run, {res.trials_cached} from cache")
+            for g, i in zip(res.groups, res.chosen):
+                print(f"    {g.label}: {g.candidates[i].label}")
+    if not recipes:
+        raise RecipeError("no recipe to search")
+    return 0
+

@@ -5,15 +5,15 @@ from __future__ import annotations
 from mlqpipe.errors import MlqpipeError, ModelError, RecipeError
 from mlqpipe.formats.registry import format_of, load_model
 from mlqpipe.engine.modes import NotApplicableError, apply_mode, mode_named
-from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for, raise_target, stage_index, stage_settings
+from mlqpipe.engine.plan import StagePlan, decide_stage, matchers_for, raise_target, stage_at, stage_settings
 from mlqpipe.quant.linear import COREMLTOOLS_MIN_SCALE, EXACT_MIN_SCALE
 from mlqpipe.recipe.problems import raise_problems
 from mlqpipe.recipe.types import ModelJob, Recipe, Stage
 
 
-def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True) -> StagePlan:
+def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple = True, only=None) -> StagePlan:
     """Apply one stage to `model` (any format) in place; returns what was decided (the same decisions a
-    plan shows)."""
+    plan shows). `only`: the weight ids it may change (a search group), None for every one it selects."""
     plan = StagePlan(stage)
     fmt = format_of(model)
     if ("fold" if stage.mode == "fold" else mode_named(stage.mode).name) not in fmt.modes:
@@ -22,7 +22,8 @@ def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple
     if stage.mode == "fold":
         plan.folds = fmt.fold(model, stage.fold)
         return plan
-    decisions, problems, _ = decide_stage(model, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=fmt.source(model))
+    decisions, problems, _ = decide_stage(model, stage, recipe, matchers_for(stage, recipe, allow_custom), model_file=fmt.source(model),
+                                          only=only)
     raise_problems(problems)
     mode = mode_named(stage.mode)
     lut_function = None
@@ -41,7 +42,7 @@ def run_stage(model, stage: Stage, recipe: Recipe, *, allow_custom: bool | tuple
             try:
                 changed |= apply_mode(rec, settings)
             except NotApplicableError as e:  # settings that do not fit a selected weight: say where they are written
-                raise ModelError(f"{recipe.where('stages', stage_index(recipe, stage))}: {fmt.source(model)}: stage "
+                raise ModelError(f"{recipe.where(*stage_at(recipe, stage))}: {fmt.source(model)}: stage "
                                  f"'{stage.name}': {e}; change the stage's settings or exclude this weight from its rules") from None
     if changed and mode.version_floor:
         fmt.raise_version(model, mode.version_floor)

@@ -63,6 +63,7 @@ class ModelPlan:
     version_before: int = 0  # specificationVersion of the input and of the output
     version_after: int = 0
     target_changes: list = field(default_factory=list)  # what deployment_target changed (ML programs)
+    searched: tuple | None = None  # a search recipe: (the model after the fixed stages, their storage overlay)
 
 
 def storage_after(stage: Stage) -> Storage:
@@ -96,10 +97,24 @@ def stage_index(recipe: Recipe, stage: Stage) -> int:
     return next(i for i, s in enumerate(recipe.stages) if s.name == stage.name)
 
 
+def stage_at(recipe: Recipe, stage: Stage) -> tuple:
+    """Where the recipe writes a stage: stages[i], or the search candidate it was made from."""
+    for i, s in enumerate(recipe.stages):
+        if s.name == stage.name:
+            return ("stages", i)
+    if recipe.search is not None:
+        for options in recipe.search.candidates.values():
+            for c in options:
+                if c.stage is not None and c.stage.mode == stage.mode and replace(c.stage, rules=stage.rules, name=stage.name) == stage:
+                    return c.at
+    return ("search",)
+
+
 def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher], overlay: dict | None = None,
-                 model_file: str = ""):
+                 model_file: str = "", only=None):
     """Decisions for every weight of `model` (any format) in one quantizing stage, and the problems they
-    imply (`model_file`: the input these are about, named in the problems)."""
+    imply (`model_file`: the input these are about, named in the problems; `only`: the ids the stage may
+    touch — a search group —, None for all)."""
     fmt = format_of(model)
     for m in matchers:
         m.prepare(model)
@@ -108,14 +123,16 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
         if overlay and rec.id in overlay:
             rec = replace(rec, storage=overlay[rec.id])
         records.append(rec)
-    at = ("stages", stage_index(recipe, stage))
+    at = stage_at(recipe, stage)
     mode = mode_named(stage.mode)
     decisions, problems, after = [], [], {}
     for rec in records:
         match = decide(rec, matchers)
         st = rec.storage
         action, reason, new = "keep", "", st
-        if match.rule is None:
+        if only is not None and rec.id not in only:
+            reason = "not in this search group"
+        elif match.rule is None:
             reason = "no rule of this stage matches"
         elif not match.include:
             reason = f"excluded by rule '{match.rule}'"
@@ -212,26 +229,28 @@ def setting_problems(job: ModelJob, recipe: Recipe, model) -> list[Problem]:
             for at, message, hint in evaluation_problems(model.spec, job.evaluation, job.gates)]
 
 
-def mode_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
-    """Stages whose mode this model's format cannot store (the plan still shows what they would select)."""
+def mode_problems(job: ModelJob, recipe: Recipe, fmt, stages=None) -> list[Problem]:
+    """Stages (the job's, or `stages`) whose mode this model's format cannot store (the plan still shows what
+    they would select)."""
     out = []
-    for stage in job.stages:
+    for stage in job.stages if stages is None else stages:
         mode = "fold" if stage.mode == "fold" else mode_named(stage.mode).name
         if mode not in fmt.modes:
             hint = getattr(fmt, "modes_note", "") or f"choose one of {', '.join(sorted(fmt.modes))}"
-            out.append(_problem(recipe, ("stages", stage_index(recipe, stage), "mode"),
+            out.append(_problem(recipe, stage_at(recipe, stage) + ("mode",),
                                 f"{_shown(job.input)}: stage '{stage.name}': mode {stage.mode} is not available for {fmt.name} models", hint))
     return out
 
 
-def setting_key_problems(job: ModelJob, recipe: Recipe, fmt) -> list[Problem]:
-    """Stage settings this model's format does not read in that mode, and nbits it cannot store."""
+def setting_key_problems(job: ModelJob, recipe: Recipe, fmt, stages=None) -> list[Problem]:
+    """Stage settings (of the job's stages, or of `stages`) this model's format does not read in that mode,
+    and nbits it cannot store."""
     out = []
-    for stage in job.stages:
+    for stage in job.stages if stages is None else stages:
         if stage.mode == "fold" or mode_named(stage.mode).name not in fmt.modes:
             continue
         mode = mode_named(stage.mode)
-        at = ("stages", stage_index(recipe, stage))
+        at = stage_at(recipe, stage)
         reads = mode.keys_for(fmt.name)
         for key in stage.keys_set():
             if key not in reads:
@@ -262,7 +281,7 @@ def target_problems(job: ModelJob, recipe: Recipe, fmt, model, stage: Stage, dec
     out = []
     for need, what in fmt.requirements(mode_named(stage.mode).name, stage):
         if need > have:
-            out.append(_problem(recipe, ("stages", stage_index(recipe, stage)),
+            out.append(_problem(recipe, stage_at(recipe, stage),
                                 f"{_shown(job.input)}: stage '{stage.name}': {what} needs {deployment_target(need)} "
                                 f"(specificationVersion {need}); this model targets {deployment_target(have)}",
                                 f"set deployment_target: {deployment_target(need).replace(' ', '')} for this model (in its models "
@@ -359,6 +378,11 @@ def plan_job(job: ModelJob, recipe: Recipe, model=None) -> ModelPlan:
             if floor and any(d.action == "quantize" for d in decisions) and mode_named(stage.mode).name in fmt.modes:
                 fmt.raise_version(model, floor)  # as the build will
         plan.stages.append(sp)
+    if recipe.search is not None:  # the searched rules count as used; search/groups.py checks the rest
+        searched = [RuleMatcher(recipe.rule(name), recipe.python_path, None) for name in recipe.search.rules]
+        plan.matched_rules |= rules_matching_something(model, searched, overlay)
+        plan.matched_entries |= {(m.rule.name, *hit) for rec in fmt.inventory(model) for m in searched for hit in entries_matching(m.rule, rec)}
+        plan.searched = (model, overlay)
     plan.version_after = fmt.version(model)
     plan.bytes_after = sum(fmt.stored_bytes(r, overlay.get(r.id, r.storage)) for r in fmt.inventory(model))
     return plan

@@ -88,23 +88,27 @@ def _evaluated(model):
 
 def _evaluate(job, models: list, cache_dir):
     """The float and the quantized model on the recipe's data (arrays read from the .npz as needed)."""
+    return evaluate_models(job.evaluation, models[0], models[-1], cache_dir, str(job.input.name))
+
+
+def evaluate_models(cfg, float_model, quantized, cache_dir=None, what: str = "model"):
+    """Compare two loaded models (any format) on the data an evaluation setting names (`cfg`: a recipe
+    Evaluation, or None for the defaults)."""
     from contextlib import nullcontext
 
     from mlqpipe.formats.registry import format_of
     from mlqpipe.quality.evaluate.compare import DEFAULT_MEMORY_MB, Evaluation, FloatCache, evaluate
 
-    fmt = format_of(models[0])
+    fmt = format_of(float_model)
     if fmt.evaluator is None:  # allowed by the plan only with allow_unevaluated: the gates say "not evaluated"
         return Evaluation(False, f"{fmt.name} models cannot be evaluated yet")
-    cfg = job.evaluation
     opened = np.load(cfg.data, allow_pickle=False) if cfg is not None and cfg.data is not None else nullcontext(None)
     with opened as data:
         labels = data[cfg.labels] if data is not None and cfg.labels else None
         samples = (cfg.max_samples if data is not None else cfg.random_inputs) if cfg is not None else None
-        float_model, quantized = (_evaluated(m) for m in (models[0], models[-1]))
-        return evaluate(float_model, quantized, data, names=dict(cfg.inputs) if cfg else {}, labels=labels, samples=samples,
-                        memory_mb=(cfg.memory_mb if cfg and cfg.memory_mb else DEFAULT_MEMORY_MB),
-                        cache=FloatCache(cache_dir) if cache_dir else None, what=str(job.input.name))
+        return evaluate(_evaluated(float_model), _evaluated(quantized), data, names=dict(cfg.inputs) if cfg else {}, labels=labels,
+                        samples=samples, memory_mb=(cfg.memory_mb if cfg and cfg.memory_mb else DEFAULT_MEMORY_MB),
+                        cache=FloatCache(cache_dir) if cache_dir else None, what=what)
 
 
 def assess(job, recipe, models: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset()) -> dict:

@@ -15,7 +15,9 @@ from mlqpipe.recipe.custom import find_code
 from mlqpipe.recipe.problems import Problem, dotted, raise_problems
 from mlqpipe.recipe.schema_check import did_you_mean, schema_problems, stage_nbits
 from mlqpipe.recipe.source import read_source
-from mlqpipe.recipe.types import STAGE_SETTINGS, CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Stage
+from mlqpipe.recipe.types import (
+    STAGE_SETTINGS, Candidate, CoremltoolsSelector, Evaluation, Gates, ModelJob, Range, Recipe, Report, Rule, Search, Stage,
+)
 
 _PLACEHOLDERS = {"stem", "name", "dir", "recipe"}
 _RANGES = ("count", "in_channels", "out_channels", "kernel_channels", "layer_weight_count")
@@ -144,12 +146,14 @@ def _build(path: Path, files, doc: _Located, problems: list[Problem], project_ro
     for i, name in enumerate(names):
         if names.index(name) != i:
             problems.append(doc.problem(("stages", i, "name"), f"duplicate stage name '{name}'", "stage names must be unique"))
-    used = {r for s in stages for r in s.rules}
+    search = _search(data["search"], doc, problems, rule_names, python_path, base_dir, check_files) if data.get("search") else None
+    used = {r for s in stages for r in s.rules} | set(search.rules if search else ())
+    resolved = "search" in data and data["search"] is None  # a search's result: the rules it searched may go unused
     for r in rules:
-        if r.name not in used:
+        if r.name not in used and not resolved:
             problems.append(doc.problem(("rules", r.name), f"rule '{r.name}' is not used by any stage", "list it in a stage's rules, or delete it", key=True))
 
-    if data.get("models") and not stages:
+    if data.get("models") and not stages and search is None:
         problems.append(doc.problem(("models",), "models are listed but there are no stages", "add stages: [...]"))
     defaults = data.get("defaults") or {}
     base_gates = _gates(data.get("gates"))
@@ -168,6 +172,7 @@ def _build(path: Path, files, doc: _Located, problems: list[Problem], project_ro
         report=Report(tuple(report.get("formats", ("json", "markdown"))), report.get("path")),
         gates=base_gates,
         python_path=python_path,
+        search=search,
         document=data,
         locations=dict(doc.positions),
     )
@@ -289,6 +294,56 @@ def _stage(i, raw, doc, problems, rule_names, python_path) -> Stage:
     )
 
 
+def _candidates(raw: list, at: tuple, doc, problems, rule: str, python_path) -> tuple[Candidate, ...]:
+    """A search's candidates, each checked as the stage it becomes (its rules: the group's), keep first."""
+    from mlqpipe.recipe.schema_check import stage_problems
+
+    out = [Candidate(None)]
+    for j, raw_candidate in enumerate(raw):
+        if raw_candidate == "keep":
+            continue
+        if raw_candidate["mode"] in ("fold", "dequantize"):
+            problems.append(doc.problem(at + (j, "mode"), f"mode {raw_candidate['mode']} is not a compression the search can choose",
+                                        "candidates compress weights: fp16, linear, kmeans_lut, ..., or keep"))
+            continue
+        stage_raw = {**raw_candidate, "rules": [rule]}
+        found = stage_problems(stage_raw, doc.locate, at + (j,))
+        if found:
+            problems += found
+            continue
+        stage = _stage(0, stage_raw, doc, problems, [rule], python_path)
+        out.append(Candidate(replace(stage, name=f"search-{rule}"), at + (j,)))
+    labels = [c.label for c in out]
+    for j, label in enumerate(labels):
+        if labels.index(label) != j:
+            problems.append(doc.problem(at, f"candidate '{label}' is listed twice", "list each setting once"))
+    return tuple(out)
+
+
+def _search(raw: dict, doc, problems, rule_names, python_path, base_dir: Path, check_files: bool) -> Search:
+    at = ("search",)
+    listed = raw["rules"]
+    names = list(listed) if isinstance(listed, (list, dict)) else []
+    for j, name in enumerate(names):
+        if name not in rule_names:
+            where = at + ("rules", name) if isinstance(listed, dict) else at + ("rules", j)
+            problems.append(doc.problem(where, f"no rule named '{name}'", did_you_mean(name, rule_names) or
+                                        f"defined rules: {', '.join(rule_names) or 'none'}", key=isinstance(listed, dict)))
+    common = _candidates(raw["candidates"], at + ("candidates",), doc, problems, "{rule}", python_path)
+    candidates = {}
+    for name in names:
+        own = listed.get(name) if isinstance(listed, dict) else None
+        if own:
+            candidates[name] = _candidates(own, at + ("rules", name), doc, problems, name, python_path)
+        else:
+            candidates[name] = tuple(Candidate(replace(c.stage, rules=(name,), name=f"search-{name}") if c.stage else None, c.at)
+                                     for c in common)
+    gates = _gates(raw["gates"]) if raw.get("gates") else None
+    return Search(rules=tuple(names), candidates=candidates, per_weight=bool(raw.get("per_weight", False)),
+                  evaluation=_evaluation(raw.get("evaluation"), base_dir, doc, at + ("evaluation",), problems, check_files),
+                  gates=gates, max_size_bytes=raw.get("max_size_bytes"), output=raw.get("output", "{recipe}.resolved.yaml"))
+
+
 def _gates(raw) -> Gates:
     raw = raw or {}
     return Gates(**{k: raw.get(k) for k in Gates.__dataclass_fields__})
@@ -408,3 +463,24 @@ def check_recipe_collisions(recipes: list[Recipe]) -> list[Problem]:
                                             f"report '{_shown(path)}' of {_shown(job.input)} is also written for {by}",
                                             "give this recipe a report path of its own, e.g. report: {path: 'build/{stem}.{recipe}'}"))
     return problems
+
+
+def for_building(recipes: list[Recipe], load) -> tuple[list[Recipe], list[Problem]]:
+    """The recipes a build or `mlqpipe quantize` builds: a recipe with a search stands for its resolved
+    recipe (`load(path)` loads it; it must exist: `mlqpipe search` writes it), each recipe once."""
+    out, problems, seen = [], [], set()
+    for r in recipes:
+        if r.search is not None:
+            path = r.path.parent / r.search.output.format(recipe=r.path.stem)
+            if not path.is_file():
+                file, line, col = r.locations.get(("search",), (str(r.path), 0, 0))
+                problems.append(Problem(file, line, col, "search", f"{_shown(r.path)} searches; its result {_shown(path)} does not exist yet",
+                                        f"run `mlqpipe search {_shown(r.path)}` (then build either recipe)"))
+                continue
+            r = load(path)
+        key = Path(r.path).resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out, problems
+

@@ -35,6 +35,20 @@ def schema_problems(doc, locate) -> list[Problem]:
     return problems
 
 
+def stage_problems(stage: dict, locate, at: tuple) -> list[Problem]:
+    """Violations of the stage schema by `stage` (a search candidate made a stage), located at `at` — keys
+    the candidate does not give (rules) are the search's, so a problem about them is not the user's."""
+    from jsonschema import Draft202012Validator
+
+    root = recipe_schema()
+    validator = Draft202012Validator({**_stage_schema(), "$defs": root["$defs"]})
+    problems = []
+    for error in validator.iter_errors(stage):
+        error.path.extendleft(reversed(at))
+        problems += _explain(error, locate)
+    return problems
+
+
 def _problem(locate, path, message, hint="", key=False) -> Problem:
     file, line, col = locate(tuple(path), key=key)
     return Problem(file, line, col, dotted(path), message, hint)

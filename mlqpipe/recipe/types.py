@@ -114,6 +114,37 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A setting the search may choose for a weight group: `stage` (a stage whose rules are the group's),
+    or None for keep (the group stays as the fixed stages left it)."""
+
+    stage: Stage | None
+    at: tuple = ()  # where the recipe writes it (search.candidates[j], or search.rules.NAME[j])
+
+    @property
+    def label(self) -> str:
+        if self.stage is None:
+            return "keep"
+        s = self.stage
+        extra = [f"{k} {getattr(s, k)}" for k in s.keys_set() if k != "nbits"]
+        return " ".join([s.mode] + ([str(s.nbits)] if s.nbits else []) + extra)
+
+
+@dataclass(frozen=True)
+class Search:
+    """What `mlqpipe search` looks for: per group (a rule's weights in one model, or one weight), the smallest
+    candidate such that the model keeps `gates` on the search data."""
+
+    rules: tuple[str, ...]
+    candidates: dict  # rule name -> tuple[Candidate, ...], keep first
+    per_weight: bool = False
+    evaluation: "Evaluation | None" = None  # None: each model's own evaluation
+    gates: "Gates | None" = None  # None: each model's own relative gates
+    max_size_bytes: int | None = None
+    output: str = "{recipe}.resolved.yaml"
+
+
+@dataclass(frozen=True)
 class Report:
     formats: tuple[str, ...] = ("json", "markdown")
     path: str | None = None
@@ -142,6 +173,7 @@ class Recipe:
     report: Report
     gates: Gates
     python_path: tuple[Path, ...]
+    search: Search | None = None
     document: dict = field(compare=False, repr=False, default_factory=dict)  # the merged document, for digests
     locations: dict = field(compare=False, repr=False, default_factory=dict)  # path -> (file, line, col)
 
