@@ -114,7 +114,7 @@ def _gelu(x, mode=None):
     if mode == "EXACT":
         return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(x.dtype)
     if mode == "TANH_APPROXIMATION":
-        return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+        return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * (x * x * x))))
     if mode == "SIGMOID_APPROXIMATION":
         return x * sigmoid(np.float32(1.702) * x)
     raise Refuse(f"gelu mode {mode!r}")

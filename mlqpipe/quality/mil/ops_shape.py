@@ -41,7 +41,11 @@ def _transpose(x, perm):
 
 
 def _concat(values, axis, interleave=None):
+    """Scalars count as one-element vectors: converters write a dynamic shape as a concat of rank-0 sizes
+    (coremltools types such a concat as a vector of their number)."""
     arrays = [np.asarray(v) for v in values]
+    if all(a.ndim == 0 for a in arrays):
+        arrays = [a.reshape(1) for a in arrays]
     a = axis_of(axis, arrays[0].ndim)
     try:
         if flag(interleave):  # slices taken in turn from each input: stack after the axis, then merge
@@ -252,6 +256,16 @@ def _pixel_shuffle(x, upscale_factor):
     return x.reshape(n, c // (f * f), f, f, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (f * f), h * f, w * f)
 
 
+def _pixel_unshuffle(x, downscale_factor):
+    """The inverse of pixel_shuffle: [n, C, H·f, W·f] -> [n, C·f², H, W], pixel (h·f + i, w·f + j) of channel
+    c going to channel c·f² + i·f + j (iOS16)."""
+    x, f = _rank4(x, "pixel_unshuffle"), _block(downscale_factor, "downscale_factor")
+    n, c, h, w = x.shape
+    if h % f or w % f:
+        raise Refuse(f"a {h}x{w} input for a downscale factor of {f}")
+    return x.reshape(n, c, h // f, f, w // f, f).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * f * f, h // f, w // f)
+
+
 def _depth_to_space(x, block_size):
     """[n, C·b², H, W] -> [n, C, H·b, W·b], depth-column-row order: channel (i·b + j)·C + c goes to pixel
     (h·b + i, w·b + j)."""
@@ -359,7 +373,7 @@ OPS = {
     "fill_like": row(lambda ref_tensor, value=None: np.full(np.shape(ref_tensor), 0.0 if value is None else np.asarray(value).reshape(()))),
     "range_1d": row(_range_1d), "shape": row(lambda x: np.array(np.shape(x), dtype=np.int32)),
     "gather": row(_gather), "gather_along_axis": row(_gather_along_axis), "gather_nd": row(_gather_nd),
-    "cumsum": row(_cumsum), "crop": row(_crop), "pixel_shuffle": row(_pixel_shuffle),
+    "cumsum": row(_cumsum), "crop": row(_crop), "pixel_shuffle": row(_pixel_shuffle), "pixel_unshuffle": row(_pixel_unshuffle),
     "depth_to_space": row(_depth_to_space), "space_to_depth": row(_space_to_depth), "one_hot": row(_one_hot),
     "band_part": row(_band_part), "topk": row(_topk), "argsort": row(_argsort),
 }  # fmt: skip

@@ -292,3 +292,38 @@ def conv3d():
                     F.avg_pool3d(x, 3, 2, padding=1, count_include_pad=False), F.max_pool3d(x, 3, 2, ceil_mode=True))
 
     return M(), {"x": (1, 2, 6, 7, 8)}
+
+
+# --- what each converted program must contain (asserted: converters fuse and rewrite) ----------------------
+
+EXPECTED_OPS = {
+    "activations": {"linear", "relu", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "softplus", "elu", "clip", "sigmoid_hard",
+                    "thresholded_relu", "relu6", "softmax", "log"},
+    "arithmetic": {"add", "sub", "mul", "real_div", "maximum", "minimum", "pow", "greater", "less_equal", "select", "exp", "log",
+                   "sqrt", "rsqrt", "clip", "floor", "erf", "inverse", "reduce_sum", "reduce_mean", "reduce_max", "reduce_min",
+                   "reduce_argmax", "reduce_log_sum_exp", "reduce_l2_norm", "cast", "tile", "abs"},
+    "shapes": {"transpose", "concat", "split", "slice_by_index", "reshape", "tile", "pad", "gather_along_axis", "gather",
+               "expand_dims", "stack", "reverse", "cumsum"},
+    "embedding": {"gather", "layer_norm", "reduce_mean"},
+    "conv2d": {"conv", "conv_transpose", "crop", "batch_norm", "instance_norm", "layer_norm", "max_pool", "avg_pool", "reduce_max"},
+    "conv1d": {"conv", "conv_transpose", "batch_norm", "max_pool", "avg_pool"},
+    "products": {"matmul", "linear", "transpose", "reshape"},
+    "recurrent": {"lstm", "rnn", "while_loop", "linear", "scatter", "gather", "squeeze", "expand_dims", "split", "concat", "stack",
+                  "less"},
+    "resizing": {"upsample_nearest_neighbor", "upsample_bilinear"},
+    "scatters": {"scatter_along_axis"},
+    "attention": {"scaled_dot_product_attention", "logical_or"},
+    "conv3d": {"conv", "conv_transpose", "max_pool", "avg_pool"},
+}
+
+# (op type, input, value) that must occur in the converted program: the settings the family is tested with
+EXPECTED_SETTINGS = {
+    "conv2d": [("conv", "pad_type", "same"), ("conv", "pad_type", "custom"), ("conv_transpose", "pad_type", "valid"),
+               ("conv_transpose", "pad_type", "custom"), ("avg_pool", "exclude_padding_from_average", True),
+               ("avg_pool", "exclude_padding_from_average", False), ("max_pool", "ceil_mode", True), ("avg_pool", "ceil_mode", True)],
+    "conv1d": [("conv", "pad_type", "valid"), ("conv", "pad_type", "custom"), ("conv_transpose", "pad_type", "custom")],
+    "products": [("matmul", "transpose_x", True), ("matmul", "transpose_y", True), ("matmul", "transpose_y", False)],
+    "activations": [("gelu", "mode", "EXACT"), ("gelu", "mode", "TANH_APPROXIMATION")],
+    "shapes": [("pad", "mode", "constant"), ("pad", "mode", "reflect"), ("pad", "mode", "replicate")],
+    "resizing": [("upsample_bilinear", "align_corners", True), ("upsample_bilinear", "align_corners", False)],
+}
