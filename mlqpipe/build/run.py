@@ -89,6 +89,11 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
     _CURRENT["previous_lock"] = _lock_outputs(options)
     if dry_run:
         return _dry_run(options)
+    invalid = next((t for t in _tasks(options) if t.get("basename") == "mlqpipe-invalid-recipes"), None)
+    if invalid is not None:  # bad input: its located problems, once, and nothing runs
+        action, args = invalid["actions"][0]
+        action(*args)
+        return 2
     log = Path(options.state_dir) / "run.jsonl"
     try:  # tasks append their events; this run's start at the current end (a no-op build touches nothing)
         _CURRENT["log_offset"] = log.stat().st_size

@@ -393,8 +393,9 @@ def plan_recipe(recipe: Recipe) -> tuple[list[ModelPlan], list[Problem]]:
     plans = [plan_job(job, recipe) for job in recipe.models]
     problems = [p for mp in plans for p in mp.problems]
     matched = set().union(*(mp.matched_rules for mp in plans)) if plans else set()
+    used = {name for s in recipe.stages for name in s.rules} | set(recipe.search.rules if recipe.search else ())
     if recipe.models and all(mp.loaded for mp in plans):
-        for rule in recipe.rules:
+        for rule in (r for r in recipe.rules if r.name in used):  # unused ones: the searched rules of a resolved recipe
             if rule.name not in matched and not rule.optional:
                 problems.append(_problem(recipe, ("rules", rule.name),
                                          f"rule '{rule.name}' matches no weight in any of this recipe's {len(recipe.models)} model(s)",

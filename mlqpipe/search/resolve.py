@@ -43,7 +43,7 @@ def _comment(recipe: Recipe, results: list[ModelResult]) -> list[str]:
         gates = ", ".join(f"{k} {v}" for k, v in r.gates.items())
         lines.append(f"{r.job.input.name}: {r.float_size} -> {r.final.size} bytes; accuracy {_pct(r.final.accuracy_float, r.final.accuracy_quantized)}; "
                      f"top-1 agreement {r.final.top1_agreement if r.final.top1_agreement is not None else '-'}; "
-                     f"output error {r.final.output_error:.4g}; gates {gates}; {r.trials_run} trials run, {r.trials_cached} from cache")
+                     f"output error {r.final.output_error:.4g}; gates {gates}; {sum(len(row) - 1 for row in r.trials)} trials")
         for g, i, row in zip(r.groups, r.chosen, r.trials):
             alone = row[i]
             lines.append(f"  {g.label}: {g.candidates[i].label} (alone: {alone.size} bytes, accuracy "

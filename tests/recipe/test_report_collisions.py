@@ -28,7 +28,7 @@ def test_reports_of_two_recipes_on_one_file_are_a_located_problem(tmp_path, monk
     err = capsys.readouterr().err
     assert "ml.yaml:3:5: models[0]: report 'out/m.q.report.json' of m.mlpackage is also written for nn.yaml (models[0], " \
            "m.mlmodel) (hint: give this recipe a report path of its own, e.g. report: {path: 'build/{stem}.{recipe}'})" in err, err
-    assert main(["build", "nn.yaml", "ml.yaml"]) == 1 and not (tmp_path / "out").exists()  # as for any recipe problem
+    assert main(["build", "nn.yaml", "ml.yaml"]) == 2 and not (tmp_path / "out").exists()  # bad input, as for any recipe problem
     capsys.readouterr()
     with open(tmp_path / "ml.yaml", "a") as f:
         f.write("report: {path: 'out/{stem}.{recipe}'}\n")
