@@ -155,19 +155,34 @@ def _task_prefix(recipe_path: Path, job) -> str:
     return f"mlqpipe/{Path(_posix(recipe_path)).with_suffix('').as_posix()}/{model}"
 
 
-def tasks_from_recipes(*patterns, options: BuildOptions | None = None, **kwargs):
+def tasks_from_recipes(*patterns, options: BuildOptions | None = None, subtasks_of: str | None = None, **kwargs):
     """doit task dicts for every recipe matching `patterns` (paths or globs).
 
     Use from your dodo.py:
         from mlqpipe.build import tasks_from_recipes, DOIT_CONFIG
         def task_quantize():
             yield from tasks_from_recipes("recipes/*.yaml")
+
+    `subtasks_of`: the name of the task generator yielding them, when doit creates its tasks late
+    (`@create_after`, e.g. after a search): doit runs only subtasks of such a generator, so the tasks are
+    yielded as its subtasks ("quantize:mlqpipe/..."), naming each other so.
     """
+    tasks = _tasks_from_recipes(patterns, options or BuildOptions(**kwargs))
+    if subtasks_of is None:
+        yield from tasks
+        return
+    for task in tasks:
+        task = dict(task)
+        task["name"] = task.pop("basename")
+        task["task_dep"] = [f"{subtasks_of}:{d}" for d in task.get("task_dep", ())]
+        yield task
+
+
+def _tasks_from_recipes(patterns, options: BuildOptions):
     import glob as _glob
 
     from doit.tools import config_changed
 
-    options = options or BuildOptions(**kwargs)
     Path(options.state_dir).mkdir(parents=True, exist_ok=True)  # doit's sqlite3 dep file lives here
     paths = []
     for pattern in patterns:

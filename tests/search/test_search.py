@@ -196,3 +196,47 @@ def test_the_resolved_recipe_is_plain_data(project, capsys):
     _search(capsys)
     recipe = load_recipe(project / "r.resolved.yaml")
     assert recipe.search is None and recipe.stages and all(s.name.startswith("search-1-digits_mlp-") for s in recipe.stages)
+
+
+DODO = """\
+from doit import create_after
+
+from mlqpipe.build import DOIT_CONFIG, tasks_from_recipes
+from mlqpipe.search import tasks_from_search
+
+
+def task_search():
+    yield from tasks_from_search("r.yaml")
+
+
+@create_after(executed="search")
+def task_quantize():
+    yield from tasks_from_recipes("r.yaml", subtasks_of="quantize")
+"""
+
+
+def test_under_plain_doit_the_search_runs_then_its_result_builds_and_both_stay_up_to_date(project):
+    import os
+    import subprocess
+    import sys
+
+    _write(project)
+    (project / "dodo.py").write_text(DODO)
+    env = {**os.environ, "MLQPIPE_CACHE": str(project / "cache")}
+
+    def doit():
+        proc = subprocess.run([sys.executable, "-m", "doit"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        groups = {"search", "quantize"}  # the generators' own group tasks have no actions and always "run"
+        return [line[3:] for line in proc.stdout.splitlines() if line.startswith(".  ") and line[3:] not in groups]
+
+    first = doit()
+    assert first[0] == "search:r.yaml" and "quantize:mlqpipe/r.resolved/digits_mlp.mlmodel/output" in first
+    assert "quantize:mlqpipe-lock" in first
+    size = _report(project)["models"][0]["chosen"]["size"]
+    assert (project / "out" / "digits_mlp.q.mlmodel").stat().st_size == size
+    assert doit() == []  # nothing changed: nothing runs
+    _write(project, CANDIDATES[:2])  # fewer candidates: the search runs again (its trials from the cache)
+    again = doit()
+    assert again[0] == "search:r.yaml"
+    assert _report(project)["models"][0]["trials_run"] <= len(_report(project)["models"][0]["verifications"])
