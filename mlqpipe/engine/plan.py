@@ -124,6 +124,7 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             rec = replace(rec, storage=overlay[rec.id])
         records.append(rec)
     at = stage_at(recipe, stage)
+    rules_at = at + ("rules",) if at[0] == "stages" else at  # a search candidate has no rules of its own
     mode = mode_named(stage.mode)
     decisions, problems, after = [], [], {}
     for rec in records:
@@ -142,7 +143,7 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             reason = "updatable weight: Core ML trains only float weights, left as it is"
         elif (refusal := fmt.refusal(rec, mode.name)) and not (mode.reads_quantized and st.kind == mode.done_if):
             action, reason = "error", refusal
-            problems.append(_problem(recipe, at + ("rules",), f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' "
+            problems.append(_problem(recipe, rules_at, f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' "
                                      f"would {mode.name} {rec.id}: {refusal} — selected by rule '{match.rule}'",
                                      f"narrow rule '{match.rule}' (e.g. count: {{min: ...}}) or add a rule with exclude: true before it"))
         elif mode.reads_quantized:
@@ -155,7 +156,7 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             action, reason, new = "quantize", f"rule '{match.rule}', joint: {storage_after(stage)} on top of {st}", st
         elif st.is_quantized:
             action, reason = "error", f"already quantized ({st})"
-            problems.append(_problem(recipe, at + ("rules",),
+            problems.append(_problem(recipe, rules_at,
                                      f"{_shown(model_file) + ': ' if model_file else ''}stage '{stage.name}' would quantize {rec.id}, "
                                      f"which is already quantized ({st}) — selected by rule '{match.rule}'",
                                      f"add `storage: float32` (or [float32, float16]) to rule '{match.rule}' to leave quantized "
@@ -177,7 +178,7 @@ def decide_stage(model, stage: Stage, recipe: Recipe, matchers: list[RuleMatcher
             Decision(rec.id, rec.layer, rec.layer_type, rec.field_path, tuple(rec.shape or ()), stage.name, action, match.rule,
                      reason, str(st), str(new), fmt.stored_bytes(rec, st), fmt.stored_bytes(rec, new))
         )
-    problems += [_problem(recipe, at + ("rules",), f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
+    problems += [_problem(recipe, rules_at, f"stage '{stage.name}' would leave layer {f.where} mixing float16 and float32",
                           "Core ML needs one float precision per layer: select all of its float blobs in this stage (e.g. field: [weights, bias])")
                  for f in fmt.precision_problems(model, records, after)]
     return decisions, problems, after

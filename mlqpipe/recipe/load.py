@@ -312,7 +312,8 @@ def _candidates(raw: list, at: tuple, doc, problems, rule: str, python_path) -> 
             problems += found
             continue
         stage = _stage(0, stage_raw, doc, problems, [rule], python_path)
-        out.append(Candidate(replace(stage, name=f"search-{rule}"), at + (j,)))
+        candidate = Candidate(stage, at + (j,))
+        out.append(replace(candidate, stage=replace(stage, name=f"search {rule}: {candidate.label}")))
     labels = [c.label for c in out]
     for j, label in enumerate(labels):
         if labels.index(label) != j:
@@ -336,7 +337,7 @@ def _search(raw: dict, doc, problems, rule_names, python_path, base_dir: Path, c
         if own:
             candidates[name] = _candidates(own, at + ("rules", name), doc, problems, name, python_path)
         else:
-            candidates[name] = tuple(Candidate(replace(c.stage, rules=(name,), name=f"search-{name}") if c.stage else None, c.at)
+            candidates[name] = tuple(Candidate(replace(c.stage, rules=(name,), name=f"search {name}: {c.label}") if c.stage else None, c.at)
                                      for c in common)
     gates = _gates(raw["gates"]) if raw.get("gates") else None
     return Search(rules=tuple(names), candidates=candidates, per_weight=bool(raw.get("per_weight", False)),

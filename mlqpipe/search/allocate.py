@@ -115,3 +115,33 @@ def back_off(groups: list[list[Option]], chosen: list[int]) -> list[int] | None:
     out = list(chosen)
     out[gi] = max(safer, key=lambda oi: (groups[gi][oi].saved, -oi)) if safer else 0
     return out
+
+
+def improvements(groups: list[list[Option]], chosen: list[int]):
+    """Combinations worth a full evaluation after the allocation found `chosen`: every *uniform* one — the same candidate for each group — predicted smaller, so the
+    result is never larger than the best single setting for all; then, from `chosen`, each group's next
+    smaller option alone, largest predicted saving first. Predicted sizes only order them; the evaluation
+    decides. Yields lists of option indices (the caller evaluates each once; duplicates are skipped)."""
+    seen = {tuple(chosen)}
+    saved = sum(g[i].saved for g, i in zip(groups, chosen))
+    labels = [o.label for o in groups[0]] if groups else []
+    uniform = []
+    for label in labels[1:]:
+        if all(any(o.label == label for o in g) for g in groups):
+            pick = [next(k for k, o in enumerate(g) if o.label == label) for g in groups]
+            total = sum(g[i].saved for g, i in zip(groups, pick))
+            if total > saved:
+                uniform.append((-total, pick))
+    moves = []
+    for gi, g in enumerate(groups):
+        smaller = [k for k, o in enumerate(g) if o.saved > g[chosen[gi]].saved]
+        if smaller:
+            k = min(smaller, key=lambda k: (g[k].saved, k))  # the next step down, not a leap
+            pick = list(chosen)
+            pick[gi] = k
+            moves.append((-(saved + g[k].saved - g[chosen[gi]].saved), pick))
+    for _, pick in sorted(uniform) + sorted(moves):
+        if tuple(pick) not in seen:
+            seen.add(tuple(pick))
+            yield pick
+

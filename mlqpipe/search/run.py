@@ -24,7 +24,7 @@ from pathlib import Path
 from mlqpipe.errors import RecipeError
 from mlqpipe.recipe.problems import raise_problems
 from mlqpipe.recipe.types import ModelJob, Recipe
-from mlqpipe.search.allocate import Option, allocate, back_off, budget, costs
+from mlqpipe.search.allocate import Option, allocate, back_off, budget, costs, improvements
 from mlqpipe.search.groups import Group, groups_of, search_evaluation, search_gates
 from mlqpipe.terminal import StatusLine
 
@@ -224,9 +224,13 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
                 results[gi, ci] = measured
                 show(f"search {name}: trial {n}/{len(work)}")
     else:
+        best = base.size
         for n, (gi, ci) in enumerate(work, 1):
-            show(f"search {name}: trial {n}/{len(work)} ({groups[gi].label}: {groups[gi].candidates[ci].label})")
+            show(f"search {name}: trial {n}/{len(work)} ({groups[gi].label}: {groups[gi].candidates[ci].label}); "
+                 f"best single change so far {best} bytes")
             results[gi, ci] = ctx.trial(groups[gi], ci)
+            if results[gi, ci].passes(gates):
+                best = min(best, results[gi, ci].size)
     trials = [[base] + [results[gi, ci] for ci in range(1, len(g.candidates))] for gi, g in enumerate(groups)]
     options = [[Option(c.label, base.size - m.size, costs(asdict(m), asdict(base), gates),
                        max(m.output_error ** 2 - base.output_error ** 2, 0.0)) for c, m in zip(g.candidates, row)]
@@ -242,6 +246,19 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
         chosen = back_off(options, chosen)
         if chosen is None:  # cannot happen: all keep is the base, which passes
             raise RecipeError(f"{job.input}: the search found no combination that keeps its gates")
+
+    def verified(candidate: list[int]) -> Measured:
+        show(f"search {name}: verifying a combination ({len(verifications) + 1}); best so far {final.size} bytes")
+        measured = ctx.combination(groups, candidate) if any(candidate) else base
+        verifications.append((list(candidate), measured))
+        return measured
+
+    for candidate in improvements(options, chosen):  # never worse than one setting for all
+        if any(candidate == tried for tried, _ in verifications):
+            continue
+        measured = verified(candidate)
+        if measured.passes(gates) and measured.size < final.size:
+            chosen, final = candidate, measured
     if recipe.search.max_size_bytes is not None and final.size > recipe.search.max_size_bytes:
         raise RecipeError(f"{recipe.where('search', 'max_size_bytes')}: {job.input}: the smallest model the search found that "
                           f"keeps its gates is {final.size} bytes, over the budget of {recipe.search.max_size_bytes}; "

@@ -192,7 +192,7 @@ def test_shared_cache_two_checkouts_parallel_spawn(tmp_path):
                   if p.suffix in (".mlmodel", ".mlpackage") and not any(q.suffix == ".mlpackage" for q in p.parents)]
         outs.append((summary_line, {p.relative_to(d): digest(p) for p in models}))
     count = len(outs[0][1])
-    assert count == 13 and sum(p.suffix == ".mlpackage" for p in outs[0][1]) == 4  # every example recipe's outputs
+    assert count == 15 and sum(p.suffix == ".mlpackage" for p in outs[0][1]) == 4  # every example recipe's outputs
     assert outs[0][0].startswith(f"mlqpipe build: {count} built, 0 from cache")
     assert outs[1][0].startswith(f"mlqpipe build: 0 built, {count} from cache")
     assert outs[0][1] == outs[1][1]

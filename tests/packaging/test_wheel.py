@@ -252,9 +252,20 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
+def _built_as(root: Path, recipe: str) -> str:
+    """The recipe a build records for `recipe`: a search recipe is built as its resolved recipe."""
+    from mlqpipe.recipe import load_recipe  # the checkout's loader, only to know which outputs to expect
+
+    loaded = load_recipe(root / recipe, project_root=root)
+    if loaded.search is None:
+        return recipe
+    return (Path(recipe).parent / loaded.search.output.format(recipe=Path(recipe).stem)).as_posix()
+
+
 def _check_built(root: Path, lock: dict, recipe: str) -> None:
     from mlqpipe.recipe import load_recipe  # the checkout's loader, only to know which outputs to expect
 
+    recipe = _built_as(root, recipe)
     loaded = load_recipe(root / recipe, project_root=root)
     assert loaded.models, recipe
     for job in loaded.models:
@@ -284,7 +295,7 @@ def test_demo_and_examples_build(env, project, monkeypatch):
     buildable = [r for r in recipes if SHARED_MODELS.is_dir() or r not in needs_shared]
     env.run(env.script("mlqpipe"), "build", *buildable, cwd=project)
     lock = json.loads((project / "mlqpipe.lock.json").read_text())
-    assert {e["recipe"] for e in lock["outputs"].values()} == set(buildable)
+    assert {e["recipe"] for e in lock["outputs"].values()} == {_built_as(project, r) for r in buildable}
     for recipe in buildable:
         _check_built(project, lock, recipe)
     again = env.run(env.script("mlqpipe"), "build", *buildable, cwd=project).stdout

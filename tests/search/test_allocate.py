@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from mlqpipe.search.allocate import Budget, Option, _load, allocate, back_off, budget, costs
+from mlqpipe.search.allocate import Budget, Option, _load, allocate, back_off, budget, costs, improvements
 
 KEEP = Option("keep", 0, (0.0,))
 
@@ -88,3 +88,20 @@ def test_costs_and_budget_are_measured_beyond_the_base():
     assert b.limits == pytest.approx((0.005, 0.01, 0.05 ** 2 - 0.01 ** 2))
     better = {**trial, "accuracy_quantized": 0.99}
     assert costs(better, base, gates)[0] == 0.0  # an improvement costs nothing (and earns nothing)
+
+
+def test_improvements_try_every_smaller_uniform_setting_then_single_steps_down():
+    groups = [[KEEP, Option("8", 100, (0.0,)), Option("4", 300, (0.004,)), Option("2", 400, (0.01,))],
+              [KEEP, Option("8", 80, (0.0,)), Option("4", 200, (0.004,)), Option("2", 260, (0.02,))]]
+    # from [4, 8] (saves 380): uniform 2 (660) and 4 (500), largest first — uniform 8 (180) saves less —, then one
+    # step down per group: group 1 to 4 is uniform 4 again (not repeated), group 0 to 2 saves 480
+    assert list(improvements(groups, [2, 1])) == [[3, 3], [2, 2], [3, 1]]
+
+
+@given(groups_st, st.data())
+def test_improvements_are_distinct_and_never_the_current_choice(groups, data):
+    chosen = [data.draw(st.integers(0, len(g) - 1)) for g in groups]
+    tried = list(improvements(groups, chosen))
+    assert chosen not in tried and len(tried) == len({tuple(t) for t in tried})
+    saved = sum(g[i].saved for g, i in zip(groups, chosen))
+    assert all(sum(g[i].saved for g, i in zip(groups, t)) > saved for t in tried)
