@@ -81,12 +81,12 @@ def plan(path, as_json: bool = False, verbose: int = 0, allow_outside_root: bool
     model_plans = plans.get(recipes[0].path) if recipes else None
     if problems and not (model_plans and all(mp.loaded for mp in model_plans)):
         raise_problems(problems)
-    _show_plan(path, model_plans, as_json, verbose)
+    _show_plan(path, model_plans, as_json, verbose, recipes[0] if recipes else None)
     raise_problems(problems)
     return 0
 
 
-def _show_plan(path, model_plans: list[ModelPlan], as_json: bool, verbose: int) -> None:
+def _show_plan(path, model_plans: list[ModelPlan], as_json: bool, verbose: int, recipe=None) -> None:
     if as_json:
         json.dump({"recipe": _rel(path), "models": plan_json(model_plans)}, sys.stdout, indent=2)
         print()
@@ -116,6 +116,19 @@ def _show_plan(path, model_plans: list[ModelPlan], as_json: bool, verbose: int) 
             hidden = sum(1 for d in sp.decisions if d.action == "keep" and d.rule is None)
             if hidden and not verbose:
                 print(f"    ({hidden} weights no rule of this stage matches; -v lists them)")
+        if mp.searched is not None and recipe is not None:
+            _show_search(mp, recipe)
+
+
+def _show_search(mp: ModelPlan, recipe) -> None:
+    """What `mlqpipe search` will try for this model: its groups and the trials they take."""
+    from mlqpipe.search.groups import groups_of
+
+    groups, _ = groups_of(mp.job, recipe, mp.searched[0])
+    trials = sum(len(g.candidates) - 1 for g in groups)
+    print(f"  search: {len(groups)} group(s), {trials} trials (`mlqpipe search` runs them; cached ones are not run again)")
+    for g in groups:
+        print(f"    {g.label}: {', '.join(c.label for c in g.candidates)}")
 
 
 def _what(d) -> str:
@@ -176,7 +189,7 @@ def search(paths, options, jobs: int = 1, verbose: int = 0) -> int:
     cache = Cache(Path(options.cache_dir), options.read_only_cache)
     for r in recipes:
         results = search_recipe(r, cache=cache, cache_dir=None if options.read_only_cache else options.cache_dir, jobs=jobs,
-                                allow_custom=options.allow_custom)
+                                allow_custom=options.allow_custom, allow_outside_root=options.allow_outside_root)
         resolved = write_resolved(r, results)
         reports = write_report(r, results)
         print(f"{_rel(r.path)} -> {_rel(resolved)}  (report: {_rel(reports[1])})")

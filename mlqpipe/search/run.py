@@ -180,21 +180,21 @@ class _Context:
 
 def _trial_worker(args):
     """A process pool's trial: the context is rebuilt once per worker and model (the base is deterministic)."""
-    recipe_path, entry_index, input_path, cache_dir, allow_custom, group, index = args
-    ctx = _worker_context(recipe_path, entry_index, input_path, cache_dir, allow_custom)
+    recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom, group, index = args
+    ctx = _worker_context(recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom)
     return ctx.trial(group, index)
 
 
 _WORKER: dict = {}
 
 
-def _worker_context(recipe_path, entry_index, input_path, cache_dir, allow_custom):
+def _worker_context(recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom):
     key = (recipe_path, input_path)
     if key not in _WORKER:
         from mlqpipe.build.cache import Cache
         from mlqpipe.recipe import load_recipe
 
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, allow_outside_root=outside_root)
         job = next(j for j in recipe.models if j.entry == entry_index and str(j.input) == input_path)
         _WORKER.clear()
         _WORKER[key] = _Context(job, recipe, Cache(Path(cache_dir)) if cache_dir else None, cache_dir, allow_custom)
@@ -202,7 +202,7 @@ def _worker_context(recipe_path, entry_index, input_path, cache_dir, allow_custo
 
 
 def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, jobs: int = 1, allow_custom=True,
-                 progress: StatusLine | None = None) -> ModelResult:
+                 allow_outside_root: bool = False, progress: StatusLine | None = None) -> ModelResult:
     ctx = _Context(job, recipe, cache, cache_dir, allow_custom)
     groups, problems = groups_of(job, recipe, ctx.base)
     raise_problems(problems)
@@ -218,7 +218,8 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
     work = [(gi, ci) for gi, g in enumerate(groups) for ci in range(1, len(g.candidates))]
     results: dict = {}
     if jobs > 1 and len(work) > 1:
-        args = [(str(recipe.path), job.entry, str(job.input), cache_dir, allow_custom, groups[gi], ci) for gi, ci in work]
+        args = [(str(recipe.path), allow_outside_root, job.entry, str(job.input), cache_dir, allow_custom, groups[gi], ci)
+                for gi, ci in work]
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for n, ((gi, ci), measured) in enumerate(zip(work, pool.map(_trial_worker, args)), 1):
                 results[gi, ci] = measured
@@ -236,29 +237,26 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
                        max(m.output_error ** 2 - base.output_error ** 2, 0.0)) for c, m in zip(g.candidates, row)]
                for g, row in zip(groups, trials)]
     chosen = allocate(options, budget(asdict(base), gates))
-    verifications = []
-    while True:
-        show(f"search {name}: verifying a combination ({len(verifications) + 1})")
-        final = ctx.combination(groups, chosen) if any(chosen) else base
-        verifications.append((list(chosen), final))
-        if final.passes(gates):
-            break
+    verifications: list[tuple[list[int], Measured]] = []
+
+    def verify(combination: list[int]) -> Measured:
+        show(f"search {name}: evaluating combination {len(verifications) + 1}")
+        measured = ctx.combination(groups, combination) if any(combination) else base
+        verifications.append((list(combination), measured))
+        return measured
+
+    final = verify(chosen)
+    while not final.passes(gates):  # the prediction was too optimistic: undo the costliest choice
         chosen = back_off(options, chosen)
         if chosen is None:  # cannot happen: all keep is the base, which passes
             raise RecipeError(f"{job.input}: the search found no combination that keeps its gates")
-
-    def verified(candidate: list[int]) -> Measured:
-        show(f"search {name}: verifying a combination ({len(verifications) + 1}); best so far {final.size} bytes")
-        measured = ctx.combination(groups, candidate) if any(candidate) else base
-        verifications.append((list(candidate), measured))
-        return measured
-
-    for candidate in improvements(options, chosen):  # never worse than one setting for all
-        if any(candidate == tried for tried, _ in verifications):
+        final = verify(chosen)
+    for combination in improvements(options, chosen):  # never worse than one setting for all
+        if any(combination == tried for tried, _ in verifications):
             continue
-        measured = verified(candidate)
+        measured = verify(combination)
         if measured.passes(gates) and measured.size < final.size:
-            chosen, final = candidate, measured
+            chosen, final = combination, measured
     if recipe.search.max_size_bytes is not None and final.size > recipe.search.max_size_bytes:
         raise RecipeError(f"{recipe.where('search', 'max_size_bytes')}: {job.input}: the smallest model the search found that "
                           f"keeps its gates is {final.size} bytes, over the budget of {recipe.search.max_size_bytes}; "
@@ -267,12 +265,14 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
     return ModelResult(job, gates, float_size, base, groups, trials, chosen, final, verifications)
 
 
-def search_recipe(recipe: Recipe, *, cache=None, cache_dir=None, jobs: int = 1, allow_custom=True) -> list[ModelResult]:
+def search_recipe(recipe: Recipe, *, cache=None, cache_dir=None, jobs: int = 1, allow_custom=True,
+                  allow_outside_root: bool = False) -> list[ModelResult]:
     if recipe.search is None:
         raise RecipeError(f"{recipe.path}: the recipe has no search: section (nothing to search; build it instead)")
     progress = StatusLine()
     try:
-        return [search_model(job, recipe, cache=cache, cache_dir=cache_dir, jobs=jobs, allow_custom=allow_custom, progress=progress)
+        return [search_model(job, recipe, cache=cache, cache_dir=cache_dir, jobs=jobs, allow_custom=allow_custom,
+                             allow_outside_root=allow_outside_root, progress=progress)
                 for job in recipe.models]
     finally:
         progress.clear()

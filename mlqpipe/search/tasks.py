@@ -78,7 +78,7 @@ def search_action(recipe_path: str, options_dict: dict, jobs: int) -> bool:
         recipe = load_recipe(recipe_path, allow_outside_root=options.allow_outside_root)
         cache = Cache(Path(options.cache_dir), options.read_only_cache)
         results = search_recipe(recipe, cache=cache, cache_dir=None if options.read_only_cache else options.cache_dir, jobs=jobs,
-                                allow_custom=options.allow_custom)
+                                allow_custom=options.allow_custom, allow_outside_root=options.allow_outside_root)
         write_resolved(recipe, results)
         write_report(recipe, results)
     except MlqpipeError as e:

@@ -267,3 +267,11 @@ def test_the_search_is_never_larger_than_the_best_uniform_setting(project, capsy
     passing = [v["size"] for v in uniform if v["accuracy_float"] - v["accuracy_quantized"] <= 0.005 + 1e-9]
     assert passing and model["chosen"]["size"] <= min(passing)
     assert model["chosen"]["size"] <= 2583  # linear 4 for both keeps the accuracy: 2,583 bytes
+
+
+def test_plan_shows_what_the_search_will_try(project, capsys):
+    _write(project)
+    assert main(["plan", "r.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "  search: 3 group(s), 12 trials (`mlqpipe search` runs them; cached ones are not run again)" in out
+    assert "    dense: dense_1:weights: keep, linear 8, kmeans_lut 4, kmeans_lut 2, linear 3" in out

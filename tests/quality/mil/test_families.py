@@ -23,8 +23,8 @@ from mlqpipe.quality.mil import Interpreter, run
 
 from .oracle import assert_close, convert_program, ct, relative_error, target, torch_outputs
 from .test_conv_kernels import _reference_conv
-from .test_torch_models import FP16_TOLERANCE, assert_contains, op_types
-from .torch_models import EXPECTED_OPS, EXPECTED_SETTINGS, PART2, PART2_IOS, build_part2, conv3d, example
+from .test_torch_models import FP16_TOLERANCE, assert_contains, assert_reproduces_torch, op_types
+from .torch_models import EXPECTED_OPS, EXPECTED_SETTINGS, PART2, PART2_IOS, build_part2, conv3d
 from .torch_models_more import EXPECTED, MORE, SPECIAL_EXPECTED, build_more, build_special
 
 SEED = int(np.random.default_rng().integers(1 << 30))  # fresh weights every session
@@ -62,12 +62,7 @@ def test_more_torch_models(converted, name):
     module, specs = build_more(name, SEED)
     path = converted(f"more_{name}", lambda p: _convert(module, specs, p), torch=True)
     assert_contains(path, EXPECTED[name])
-    inputs = example(specs, 3, np.random.default_rng())
-    ours = list(Interpreter(mlqpipe.load_model(path)).run(inputs).values())
-    ref = torch_outputs(module, inputs)
-    assert len(ours) == len(ref)
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        assert_close(a, b, f"{name} output {i}")
+    assert_reproduces_torch(path, module, specs, name)
 
 
 @pytest.mark.parametrize("name", sorted(PART2) + ["conv3d"])

@@ -63,7 +63,12 @@ def _package(converted, name: str, precision: str = "fp32"):
 def test_torch_model_outputs(converted, name):
     module, specs, path = _package(converted, name)
     assert_contains(path, EXPECTED_OPS[name], EXPECTED_SETTINGS.get(name, ()))
-    inputs = example(specs, 3, np.random.default_rng())
+    assert_reproduces_torch(path, module, specs, name)
+
+
+def assert_reproduces_torch(path, module, specs: dict, name: str, samples: int = 3) -> None:
+    """The interpreter's outputs of the package on random samples equal torch's, output by output."""
+    inputs = example(specs, samples, np.random.default_rng())
     ours = list(Interpreter(mlqpipe.load_model(path)).run(inputs).values())
     ref = torch_outputs(module, inputs)
     assert len(ours) == len(ref)
