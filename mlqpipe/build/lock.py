@@ -142,6 +142,34 @@ def _format_of(text: str):
         return None
 
 
+# --- merging the partial locks of a sharded build ------------------------------------------------------
+
+
+def merge(paths) -> str:
+    """The lock file of a whole build from its shards' partial locks: the union of their outputs. Refused
+    (LockError) when they were written by different versions, or record one output differently — partials
+    of one build never overlap, so that means they come from different builds. The text equals what one
+    unsharded build of the same recipes writes."""
+    outputs: dict = {}
+    versions = None
+    owner: dict = {}
+    for path in paths:
+        doc = read_lock(path)
+        if versions is None:
+            versions, first = doc.get("versions"), path
+        elif doc.get("versions") != versions:
+            raise LockError(f"{path}: written by {doc.get('versions')}, {first} by {versions}; merge the partial locks of "
+                            "one build (every shard with the same mlqpipe, numpy and protobuf)")
+        for out, entry in doc["outputs"].items():
+            if out in outputs and outputs[out] != entry:
+                raise LockError(f"{path}: {out} is recorded differently in {owner[out]}; these partial locks come from "
+                                "different builds (rebuild the shards from one commit)")
+            outputs[out], owner[out] = entry, path
+    if versions is None:
+        raise LockError("no partial lock files to merge")
+    return render(outputs, versions)
+
+
 # --- verify and diff ------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlqpipe.build.console import BuildReporter
 from mlqpipe.fileio import posix_path
-from mlqpipe.build.tasks import BuildOptions, tasks_from_recipes
+from mlqpipe.build.tasks import BuildOptions, in_shard, tasks_from_recipes
 
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
 
@@ -147,7 +147,8 @@ def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
     previous = {**_lock_outputs(options), **_CURRENT.get("previous_lock", {})}
     stale = {
         path: entry.get("reports") or _default_reports(path) for path, entry in previous.items()
-        if path not in outputs and (entry.get("recipe") in recipes or not Path(entry.get("recipe", "")).is_file())
+        if path not in outputs and in_shard(path, options.shard)
+        and (entry.get("recipe") in recipes or not Path(entry.get("recipe", "")).is_file())
     }
     remembered = _stale_file(options)
     try:
@@ -157,7 +158,8 @@ def _stale_outputs(options: BuildOptions) -> dict[str, list[str]]:
         known, old = None, {}
     if isinstance(old, list):  # the first format: output paths only
         old = {path: _default_reports(path) for path in old}
-    stale = {p: reports for p, reports in sorted({**old, **stale}.items()) if p not in outputs and Path(p).exists()}
+    stale = {p: reports for p, reports in sorted({**old, **stale}.items())
+             if p not in outputs and in_shard(p, options.shard) and Path(p).exists()}
     # the lock file forgets outputs no recipe makes; remember them here until they are pruned (a no-op
     # build writes nothing)
     text = json.dumps(stale, sort_keys=True)
@@ -177,7 +179,9 @@ def _default_reports(output: str) -> list[str]:
 
 
 def _stale_file(options: BuildOptions) -> Path:
-    return Path(options.state_dir) / "stale.json"
+    """Outputs found stale and not pruned yet; a shard keeps its own list (it never judges another's outputs)."""
+    shard = options.shard
+    return Path(options.state_dir) / ("stale.json" if shard is None else f"stale.shard-{shard[0]}-of-{shard[1]}.json")
 
 
 def _dry_run(options: BuildOptions) -> int:

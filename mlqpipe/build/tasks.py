@@ -44,9 +44,25 @@ class BuildOptions:
     allow_outside_root: bool = False
     lock_file: str | None = "mlqpipe.lock.json"
     state_dir: str = STATE_DIR
+    shard: tuple[int, int] | None = None  # (I, N): build only the outputs of shard I of N (1-based)
 
     def as_args(self) -> dict:
         return asdict(self)
+
+
+def shard_of(output, count: int) -> int:
+    """The shard (1..count) an output belongs to: by a hash of its project-relative path, so adding or
+    removing an unrelated recipe moves no other output between shards."""
+    return int(hashlib.sha256(_posix(output).encode()).hexdigest()[:16], 16) % count + 1
+
+
+def in_shard(output, shard) -> bool:
+    return shard is None or shard_of(output, shard[1]) == shard[0]
+
+
+def shard_lock_file(shard: tuple[int, int]) -> str:
+    """The partial lock file of a shard (`mlqpipe lock merge` combines them into mlqpipe.lock.json)."""
+    return f"mlqpipe.lock.shard-{shard[0]}-of-{shard[1]}.json"
 
 
 def _canonical(obj) -> bytes:
@@ -210,6 +226,8 @@ def _tasks_from_recipes(patterns, options: BuildOptions):
     outputs = []
     for recipe in recipes:
         for job in recipe.models:
+            if not in_shard(job.output, options.shard):
+                continue  # another shard's (a CI job of its own builds it, sharing the cache)
             yield from _job_tasks(recipe, job, options)
             outputs.append((f"{_task_prefix(recipe.path, job)}/output", str(job.output)))
     recipe_names = [_posix(r.path) for r in recipes]
@@ -500,6 +518,8 @@ def write_lock(outputs, recipes, options_dict) -> None:
         entries[_posix(out)] = entry
 
     def keep(out, entry):
+        if not in_shard(out, options.shard):
+            return False  # a partial lock holds its own shard's outputs only
         return out in entries or (entry.get("recipe") not in recipes and Path(entry.get("recipe", "")).is_file())
 
     update_lock(options.lock_file, options.state_dir, current_versions(KERNEL_VERSION), put=entries, keep=keep)

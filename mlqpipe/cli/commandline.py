@@ -64,8 +64,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="after a failure, build every model that does not depend on it, so one run reports every "
                             "failing model (the default when $CI is set)")
     going.add_argument("--no-keep-going", dest="keep_going", action="store_false", help="stop at the first failure")
+    s.add_argument("--shard", metavar="I/N", type=_shard, default=None,
+                   help="build only shard I of N (a hash of each output's path decides; shards share the cache and "
+                        "write mlqpipe.lock.shard-I-of-N.json, which `mlqpipe lock merge` combines)")
     _build_options(s)
     s.set_defaults(run=_build)
+
+    s = add("lock", help="combine the partial lock files of a sharded build")
+    s.add_argument("action", choices=["merge"])
+    s.add_argument("partials", nargs="+", metavar="PARTIAL")
+    s.add_argument("-o", "--output", default="mlqpipe.lock.json", help="the lock file to write (default mlqpipe.lock.json)")
+    s.set_defaults(run=_lock)
 
     s = add("verify", help="check that outputs and inputs on disk match the lock file")
     s.add_argument("lock", nargs="?", default="mlqpipe.lock.json")
@@ -166,14 +175,45 @@ def _options(args):
                         allow_outside_root=args.allow_outside_root)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 2/4)") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard I must be 1..N")
+    return i, n
+
+
+def _lock(args) -> int:
+    import json
+
+    from mlqpipe.build.lock import merge
+    from mlqpipe.fileio import atomic_write
+
+    text = merge(args.partials)
+    atomic_write(args.output, text.encode())
+    print(f"{args.output}: {len(json.loads(text)['outputs'])} outputs from {len(args.partials)} partial lock file(s)")
+    return EXIT_OK
+
+
 def _build(args) -> int:
     from mlqpipe.build.run import build
 
     import os
 
     keep_going = args.keep_going if args.keep_going is not None else os.environ.get("CI", "") not in ("", "0", "false")
+    from dataclasses import replace
+
+    from mlqpipe.build.tasks import shard_lock_file
+
+    options = _options(args)
+    if args.shard is not None:
+        options = replace(options, shard=args.shard, lock_file=shard_lock_file(args.shard))
     return build(args.recipes, jobs=args.jobs, dry_run=args.dry_run, force=args.force, prune=args.prune,
-                 options=_options(args), verbose=args.verbose, keep_going=keep_going)
+                 options=options, verbose=args.verbose, keep_going=keep_going)
 
 
 def _cache(args) -> int:
