@@ -111,3 +111,20 @@ def conv_batchnorm_model(empty: str | None = None, scale_after: bool = False):
 
 def layer_types(m) -> list[str]:
     return [layer.WhichOneof("layer") for layer in network(m).layers]
+
+
+def write_fleet(root, n: int, nbits: int = 8):
+    """bench/build_timing.py's fleet under `root`: models/mNN.mlmodel (three innerProducts, seeded) and one
+    recipe per model, recipes/rNN.yaml (linear `nbits` on the big matrices, fp16 for the rest)."""
+    from pathlib import Path
+
+    from bench.build_timing import RECIPE, make_model
+
+    root = Path(root)
+    (root / "models").mkdir(parents=True)
+    (root / "recipes").mkdir()
+    for i in range(n):
+        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(make_model(i))
+        (root / "recipes" / f"r{i:02d}.yaml").write_text(RECIPE.format(i=i, nbits=nbits))
+    return root
+

@@ -10,28 +10,13 @@ from pathlib import Path
 import pytest
 
 from mlqpipe.build.cache import Cache
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from build_timing import RECIPE, make_model  # noqa: E402
+from tests.builders import write_fleet
 
 N = 24
 
 
-def _model(i: int) -> bytes:
-    """bench's model with its input and output declared: Core ML needs them (the oracle judges the outputs)."""
-    from mlqpipe.formats.nn import proto
-    from tests.builders import describe
-
-    return describe(proto.Model.FromString(make_model(i)), [("x", [64])], [("h2", [10])]).SerializeToString()
-
-
 def _project(root: Path) -> Path:
-    (root / "models").mkdir(parents=True)
-    (root / "recipes").mkdir()
-    for i in range(N):
-        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(_model(i))
-        (root / "recipes" / f"r{i:02d}.yaml").write_text(RECIPE.format(i=i, nbits=4))
-    return root
+    return write_fleet(root, N, nbits=4)
 
 
 def _build(root: Path, cache: Path, **kw):

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from bench.build_timing import RECIPE, make_model
 from mlqpipe.build.tasks import shard_of
 from mlqpipe.cli import main
+from tests.builders import write_fleet
 from tests.conftest import REPO
 
 
@@ -21,12 +21,7 @@ def _copy_examples(root):
 
 
 def _fleet(root, n: int = 50):
-    (root / "models").mkdir(parents=True)
-    (root / "recipes").mkdir()
-    for i in range(n):
-        (root / "models" / f"m{i:02d}.mlmodel").write_bytes(make_model(i))
-        (root / "recipes" / f"r{i:02d}.yaml").write_text(RECIPE.format(i=i, nbits=8))
-    return root
+    return write_fleet(root, n, nbits=8)
 
 
 def _build(root, monkeypatch, capsys, *args) -> str:
