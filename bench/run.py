@@ -1,6 +1,6 @@
 """mlqpipe benchmarks: side by side with coremltools 9.0 and with the I/O floor, in one run.
 
-    python bench/run.py [--quick] [--only nn|mlprogram|evaluator|search] [--skip-2gb] [--fresh-coremltools] [--json bench/results.json] [--markdown bench/RESULTS.md]
+    python bench/run.py [--quick] [--only nn|mlprogram|evaluator|search|remote] [--skip-2gb] [--fresh-coremltools] [--json bench/results.json] [--markdown bench/RESULTS.md]
 
 Models are generated here, deterministically (no downloads): a small CNN, a 4096x1024 innerProduct, a
 ~50 MB multi-layer model, an LSTM model, and 50 small models with one recipe each. Every timing is the
@@ -9,7 +9,9 @@ median of several runs. The ML-program section (bench/mlprogram.py: ~4M-, ~50M- 
 and compression (mlqpipe.optimize vs coremltools.optimize.coreml, end to end, and vs the floor + one int8 pass).
 The evaluator section (bench/evaluator.py) times the ML-program interpreter on four models trained on scikit-learn's
 digits against the same forward passes written with numpy. The search section (bench/search.py) compares
-`mlqpipe search` with the best uniform setting on five models under max_accuracy_drop 0.005.
+`mlqpipe search` with the best uniform setting on five models under max_accuracy_drop 0.005. The remote
+section (bench/remote.py) builds 50 recipes against moto's S3 server on 127.0.0.1: a fresh checkout on a warm
+remote against the same checkout on a warm local cache.
 Prints PASS/FAIL per target and exits 1 if any target fails.
 """
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import evaluator  # noqa: E402  (bench/evaluator.py)
 import mlprogram  # noqa: E402  (bench/mlprogram.py)
+import remote as remote_bench  # noqa: E402  (bench/remote.py)
 import search as search_bench  # noqa: E402  (bench/search.py)
 import mlqpipe  # noqa: E402
 from build_timing import RECIPE, describe, make_model as small_model  # noqa: E402
@@ -269,7 +272,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
-    ap.add_argument("--only", choices=("nn", "mlprogram", "evaluator", "search"), help="run one section only")
+    ap.add_argument("--only", choices=("nn", "mlprogram", "evaluator", "search", "remote"), help="run one section only")
     ap.add_argument("--skip-2gb", action="store_true", help="ML programs: leave out the ~500M-weight (2 GB) package")
     ap.add_argument("--fresh-coremltools", action="store_true",
                     help="ML programs: measure coremltools' compression rows again instead of taking cached ones (its 50M k-means takes minutes)")
@@ -286,10 +289,13 @@ def main() -> int:
         results["digits"] = evaluator.bench(quick=args.quick, log=lambda m: print(m, file=sys.stderr))
     if args.only in (None, "search"):
         results["search"] = search_bench.bench(quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+    if args.only in (None, "remote"):
+        results["remote"] = remote_bench.bench(log=lambda m: print(m, file=sys.stderr))
     results["seconds"] = time.perf_counter() - t_start
     results["targets"] = (targets(results) if "modes" in results else []) + (mlprogram.targets(results["mlprogram"]) if "mlprogram" in results else [])
     results["targets"] += evaluator.targets(results["digits"]) if "digits" in results else []
     results["targets"] += search_bench.targets(results["search"]) if "search" in results else []
+    results["targets"] += remote_bench.targets(results["remote"]) if "remote" in results else []
     report(results, args)
     return 0 if all(t["pass"] for t in results["targets"]) else 1
 
@@ -467,6 +473,8 @@ def report(r: dict, args) -> None:
         lines += evaluator.report_lines(r["digits"])
     if "search" in r:
         lines += search_bench.report_lines(r["search"])
+    if "remote" in r:
+        lines += remote_bench.report_lines(r["remote"])
     lines += ["## Targets", "", "| target | value | goal | result |", "|---|---|---|---|"]
     for t in r["targets"]:
         lines.append(f"| {t['target']} | {_f(t['value'])} | {t['goal']} | {'PASS' if t['pass'] else 'FAIL'} |")

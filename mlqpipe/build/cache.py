@@ -8,103 +8,246 @@ corrupted entry is reported by path and treated as a miss (the build recomputes 
 A directory artifact (an ML program) is stored file by file: each file an object as above, and a tree
 manifest under keys/ (`"kind": "tree"`, `"tree"`: its tree digest, `"files"`: {relative path: {"object",
 "size"}}). A read verifies every object and the tree digest. File entries keep exactly their old format.
+
+The bytes live in a store (store.py): the local directory, or an fsspec URL (`s3://bucket/prefix`) with a
+local directory in front (`open_cache`): reads try local, then remote (a verified remote hit is copied into
+local); writes go to both (objects create-if-absent, manifests last); `--cache-read-only` leaves the remote
+unwritten. A failing remote never fails a build: one warning, then local only for the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import time
 from pathlib import Path
 
 from mlqpipe.artifacts import TreeFile, read_tree, tree_digest
-from mlqpipe.fileio import atomic_write
+from mlqpipe.build.store import LocalStore, is_url
 
 CACHE_FORMAT = 1
+LOCAL_CACHE = ".mlqpipe-cache"
+_PENDING: dict = {}  # local directory -> {manifest rel: Event set once its prefetch batch is done}
+PREFETCH_WAIT = 120  # seconds a read waits for its background prefetch batch before reading by itself  # the local layer of a URL cache, unless $MLQPIPE_LOCAL_CACHE says otherwise
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass
+def _key_rel(key: str) -> str:
+    return f"keys/{key[:2]}/{key}.json"
+
+
+def _object_rel(digest: str) -> str:
+    return f"objects/{digest[:2]}/{digest}"
+
+
+def _manifest(data: bytes):
+    """A manifest's JSON, or None when it does not parse as one (a truncated or foreign file)."""
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
 class Cache:
-    root: Path
-    read_only: bool = False
+    """Content-addressed stage outputs. `Cache(root)` is the local directory; `open_cache(options)` also
+    takes URLs (a remote behind a local layer)."""
 
-    def __post_init__(self):
-        self.root = Path(self.root)
+    def __init__(self, root=None, read_only: bool = False, *, store=None, remote=None):
+        self.store = store or LocalStore(Path(root))
+        self.remote = remote  # store.Remote or None
+        self.root = remote.store.shown if remote else self.store.root  # what messages and stats show
+        self.read_only = read_only  # the local directory is never written (a plain-path cache only)
         self.problems: list[str] = []  # corrupted entries seen (reported by the build summary)
+        self._bad: set[str] = set()  # rel paths found corrupt: rewritten, not skipped as present
+        self.remote_bytes_read = 0  # what this cache read from the remote (the benchmark counts it)
 
-    def _key_path(self, key: str) -> Path:
-        return self.root / "keys" / key[:2] / f"{key}.json"
+    # --- the two layers -------------------------------------------------------------------------------
 
-    def _object_path(self, digest: str) -> Path:
-        return self.root / "objects" / digest[:2] / digest
+    def _fetch(self, rel: str, valid) -> bytes | None:
+        """The bytes at `rel` that pass `valid`: local first, then the remote (copied into local). Bad bytes
+        in either layer are reported and treated as absent."""
+        self._wait_for_prefetch(rel)
+        try:
+            data = self.store.read(rel)
+            if valid(data):
+                return data
+            self._corrupt(self.store.describe(rel), rel)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.problems.append(f"{self.store.describe(rel)}: unreadable ({e}); rebuilding")
+            self._bad.add(rel)
+        if self.remote is None:
+            return None
+        try:
+            data = self.remote.attempt(self.remote.store.read, rel)
+        except FileNotFoundError:
+            return None
+        if data is None:
+            return None
+        self.remote_bytes_read += len(data)
+        if not valid(data):
+            self._corrupt(self.remote.store.describe(rel), rel)
+            return None
+        if not self.read_only:
+            self.store.write(rel, data)
+        return data
+
+    def _corrupt(self, where: str, rel: str) -> None:
+        what = "cache manifest is unreadable" if rel.startswith("keys/") else "cached bytes do not match their digest"
+        self.problems.append(f"{where}: {what}; rebuilding")
+        self._bad.add(rel)
+
+    def _store(self, rel: str, data: bytes, *, content_addressed: bool) -> None:
+        """Write both layers: a content-addressed object only where absent (or found corrupt), a manifest
+        always (after its objects)."""
+        if not self.read_only:
+            if content_addressed:
+                if rel in self._bad or not self._local_object_ok(rel):
+                    self.store.write(rel, data)
+            else:
+                self.store.write(rel, data)
+        if self.remote is not None and not self.remote.read_only:
+            absent_only = content_addressed and rel not in self._bad
+            self.remote.attempt(self.remote.store.write, rel, data, if_absent=absent_only)
+        self._bad.discard(rel)
+
+    def _local_object_ok(self, rel: str) -> bool:
+        try:
+            return sha256(self.store.read(rel)) == rel.rsplit("/", 1)[-1]
+        except OSError:
+            return False
+
+    def _object(self, digest: str) -> bytes | None:
+        return self._fetch(_object_rel(digest), lambda data: sha256(data) == digest)
+
+    def _read_manifest(self, key: str):
+        data = self._fetch(_key_rel(key), lambda d: _manifest(d) is not None)
+        return None if data is None else _manifest(data)
+
+    def prefetch(self, keys) -> int:
+        """Copy the remote entries of `keys` that the local layer lacks into it, concurrently: one batch of
+        manifests, one of their objects (each verified; anything bad is left for the normal read to report).
+        Returns the number of entries copied."""
+        if self.remote is None or self.read_only:
+            return 0
+        wanted = [_key_rel(k) for k in dict.fromkeys(keys) if not self.store.exists(_key_rel(k))]
+        found = self.remote.attempt(self.remote.store.read_many, wanted, default={})
+        manifests = {rel: (data, _manifest(data)) for rel, data in found.items() if _manifest(data) is not None}
+        self.remote_bytes_read += sum(len(d) for d in found.values())
+        needed = sorted({d for _, m in manifests.values() for d in _objects_of(m)})
+        rels = [_object_rel(d) for d in needed if not self._local_object_ok(_object_rel(d))]
+        objects = self.remote.attempt(self.remote.store.read_many, rels, default={})
+        self.remote_bytes_read += sum(len(d) for d in objects.values())
+        good = {rel for rel, data in objects.items() if sha256(data) == rel.rsplit("/", 1)[-1]}
+        for rel in sorted(good):
+            self.store.write(rel, objects[rel])
+        have = good | ({_object_rel(d) for d in needed} - set(rels))
+        copied = 0
+        for rel, (data, m) in sorted(manifests.items()):  # manifests last, and only when every object is here
+            if all(_object_rel(d) in have for d in _objects_of(m)):
+                self.store.write(rel, data)
+                copied += 1
+        return copied
+
+    def prefetch_in_background(self, keys, batch: int = 32) -> None:
+        """Prefetch `keys` in this order, `batch` at a time, in a thread while the build runs: a fresh
+        checkout of a committed lock file then waits for the remote's round trips (and the protocol
+        library's import) alongside its own work instead of before each stage. A read of a key not yet
+        fetched waits for its batch rather than fetching it twice."""
+        import threading
+
+        keys = list(dict.fromkeys(keys))
+        pending = {_key_rel(k): threading.Event() for k in keys}
+
+        def run():  # a small first batch: the build's first stages need not wait for a whole batch
+            starts = [0, *range(min(8, batch), len(keys), batch)]
+            for i, j in zip(starts, [*starts[1:], len(keys)]):
+                chunk = keys[i:j]
+                try:
+                    self.prefetch(chunk)
+                except Exception:  # noqa: BLE001 — a failed prefetch only means the normal reads do the work
+                    pass
+                finally:
+                    for k in chunk:
+                        pending[_key_rel(k)].set()
+
+        _PENDING[str(self.store.root.resolve())] = pending  # every cache of this process on this directory waits
+        threading.Thread(target=run, name="mlqpipe-cache-prefetch", daemon=True).start()
+
+    def _wait_for_prefetch(self, rel: str) -> None:
+        if self.remote is None or not _PENDING:
+            return
+        event = _PENDING.get(str(self.store.root.resolve()), {}).get(rel)
+        if event is not None:
+            event.wait(PREFETCH_WAIT)
+
+    # --- entries ----------------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         """The bytes stored under `key`, verified; None when absent or corrupted."""
-        kp = self._key_path(key)
-        try:
-            manifest = json.loads(kp.read_text(encoding="utf-8"))
-            if _is_tree(manifest):
-                return None  # a directory entry is not bytes: get_tree reads it
-            digest = manifest["object"]
-            data = self._object_path(digest).read_bytes()
-        except FileNotFoundError:
+        manifest = self._read_manifest(key)
+        if manifest is None or _is_tree(manifest):
+            return None  # a directory entry is not bytes: get_tree reads it
+        return self._file_entry(key, manifest)
+
+    def _file_entry(self, key: str, manifest: dict) -> bytes | None:
+        digest = manifest.get("object")
+        if not isinstance(digest, str):
+            self.problems.append(f"{self._describe(_key_rel(key))}: unreadable cache manifest (no object); rebuilding")
             return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self.problems.append(f"{kp}: unreadable cache manifest ({e}); rebuilding")
-            return None
-        if sha256(data) != digest:
-            self.problems.append(f"{self._object_path(digest)}: cached bytes do not match their digest; rebuilding")
-            return None
-        return data
+        return self._object(digest)
+
+    def _describe(self, rel: str) -> str:
+        return (self.remote.store if self.remote else self.store).describe(rel)
 
     def has(self, key: str) -> bool:
-        return self._key_path(key).is_file()
+        if self.store.exists(_key_rel(key)):
+            return True
+        return bool(self.remote and self.remote.attempt(self.remote.store.exists, _key_rel(key), default=False))
 
     def put(self, key: str, data: bytes, meta: dict | None = None) -> str:
         digest = sha256(data)
         if self.read_only:
             return digest
-        self._put_object(digest, data)
+        self._store(_object_rel(digest), data, content_addressed=True)
         manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
-        atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
+        self._store(_key_rel(key), json.dumps(manifest, sort_keys=True, indent=1).encode(), content_addressed=False)
         return digest
-
-    def _put_object(self, digest: str, data: bytes) -> None:
-        obj = self._object_path(digest)
-        if not (obj.is_file() and sha256(obj.read_bytes()) == digest):
-            atomic_write(obj, data)
 
     def get_tree(self, key: str) -> dict[str, bytes] | None:
         """The files {relative path: bytes} of the directory stored under `key`, every object and the tree
         digest verified; None when absent, not a directory entry, or corrupted (reported in `problems`)."""
-        kp = self._key_path(key)
-        try:
-            manifest = json.loads(kp.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            self.problems.append(f"{kp}: unreadable cache manifest ({e}); rebuilding")
-            return None
+        manifest = self._read_manifest(key)
         if not _is_tree(manifest):
             return None
+        return self._tree_entry(key, manifest)
+
+    def _tree_entry(self, key: str, manifest: dict) -> dict[str, bytes] | None:
+        where = self._describe(_key_rel(key))
         try:
-            files = {rel: self._object_path(e["object"]).read_bytes() for rel, e in manifest["files"].items()}
             wanted = {rel: e["object"] for rel, e in manifest["files"].items()}
             consistent = _tree_of(manifest) == manifest["tree"]
-        except (OSError, KeyError, TypeError, AttributeError) as e:
-            self.problems.append(f"{kp}: directory entry incomplete ({e}); rebuilding")
+        except (KeyError, TypeError, AttributeError) as e:
+            self.problems.append(f"{where}: directory entry incomplete ({e}); rebuilding")
             return None
-        for rel, data in files.items():
-            if sha256(data) != wanted[rel]:
-                self.problems.append(f"{self._object_path(wanted[rel])}: cached bytes do not match their digest; rebuilding")
-                return None
         if not consistent:
-            self.problems.append(f"{kp}: its files do not make the tree digest it records; rebuilding")
+            self.problems.append(f"{where}: its files do not make the tree digest it records; rebuilding")
             return None
+        files = {}
+        for rel, digest in wanted.items():
+            seen = len(self.problems)
+            data = self._object(digest)
+            if data is None:
+                if len(self.problems) == seen:  # missing rather than corrupt (that is reported already)
+                    self.problems.append(f"{where}: directory entry incomplete (object {digest} of {rel} is missing); rebuilding")
+                return None
+            files[rel] = data
         return files
 
     def put_tree(self, key: str, tree, meta: dict | None = None) -> str:
@@ -115,79 +258,111 @@ class Cache:
         if self.read_only:
             return digest
         for rel, data in files.items():
-            self._put_object(entries[rel]["object"], data)
+            self._store(_object_rel(entries[rel]["object"]), data, content_addressed=True)
         manifest = {"format": CACHE_FORMAT, "key": key, "kind": "tree", "tree": digest, "files": entries,
                     "size": sum(e["size"] for e in entries.values()), **(meta or {})}
-        atomic_write(self._key_path(key), json.dumps(manifest, sort_keys=True, indent=1).encode())
+        self._store(_key_rel(key), json.dumps(manifest, sort_keys=True, indent=1).encode(), content_addressed=False)
         return digest
 
     def get_artifact(self, key: str) -> bytes | dict | None:
-        """What `put_artifact` stored: bytes for a file, {relative path: bytes} for a directory."""
-        data = self.get(key)
-        return data if data is not None else self.get_tree(key)
+        """What `put_artifact` stored: bytes for a file, {relative path: bytes} for a directory (one manifest
+        read either way)."""
+        manifest = self._read_manifest(key)
+        if manifest is None:
+            return None
+        return self._tree_entry(key, manifest) if _is_tree(manifest) else self._file_entry(key, manifest)
 
     def put_artifact(self, key: str, artifact: bytes | dict, meta: dict | None = None) -> str:
         return self.put(key, artifact, meta) if isinstance(artifact, bytes) else self.put_tree(key, artifact, meta)
 
-    # --- maintenance: mlqpipe cache stats|verify|prune ---------------------------------------------------
+    # --- maintenance: mlqpipe cache stats|verify|prune (on the remote itself when there is one) ----------
 
-    def manifests(self):
-        for p in sorted((self.root / "keys").glob("*/*.json")):
+    def _target(self):
+        """The store maintenance looks at: the remote (its failures are errors here), else the directory."""
+        return self.remote.store if self.remote else self.store
+
+    def manifests(self, store=None):
+        store = store or self._target()
+        for e in _checked(store.entries, "keys"):
+            if not e.rel.endswith(".json"):
+                continue
             try:
-                yield p, json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                yield p, None
+                yield store.describe(e.rel), _manifest(_checked(store.read, e.rel))
+            except OSError:
+                yield store.describe(e.rel), None
 
     def stats(self) -> dict:
-        objects = list((self.root / "objects").glob("*/*"))
+        store = self._target()
+        objects = _checked(store.entries, "objects")
         return {"root": str(self.root), "keys": sum(1 for _ in self.manifests()), "objects": len(objects),
-                "bytes": sum(p.stat().st_size for p in objects)}
+                "bytes": sum(e.size for e in objects)}
 
     def verify(self) -> list[str]:
+        store = self._target()
         bad = []
-        for p, m in self.manifests():
+        for p, m in self.manifests(store):
             if m is None:
                 bad.append(f"{p}: unreadable manifest")
                 continue
             if _is_tree(m):
-                bad += self._verify_tree(p, m)
+                bad += self._verify_tree(store, p, m)
                 continue
-            obj = self._object_path(m.get("object", ""))
-            if not obj.is_file():
-                bad.append(f"{p}: object {obj} is missing")
-            elif sha256(obj.read_bytes()) != m["object"]:
-                bad.append(f"{obj}: bytes do not match their digest")
+            bad += self._verify_object(store, p, m.get("object", ""))
         return bad
 
-    def _verify_tree(self, p: Path, m: dict) -> list[str]:
+    def _verify_object(self, store, p: str, digest, rel: str | None = None) -> list[str]:
+        obj = store.describe(_object_rel(str(digest)))
+        try:
+            data = _checked(store.read, _object_rel(str(digest)))
+        except FileNotFoundError:
+            return [f"{p}: object {obj}{f' ({rel})' if rel else ''} is missing"]
+        return [] if sha256(data) == digest else [f"{obj}: bytes do not match their digest"]
+
+    def _verify_tree(self, store, p: str, m: dict) -> list[str]:
         bad = []
         try:
             for rel, e in sorted(m["files"].items()):
-                obj = self._object_path(e["object"])
-                if not obj.is_file():
-                    bad.append(f"{p}: object {obj} ({rel}) is missing")
-                elif sha256(obj.read_bytes()) != e["object"]:
-                    bad.append(f"{obj}: bytes do not match their digest")
+                bad += self._verify_object(store, p, e["object"], rel)
             if _tree_of(m) != m["tree"]:
                 bad.append(f"{p}: its files do not make the tree digest it records")
         except (KeyError, TypeError, AttributeError) as e:
             bad.append(f"{p}: unreadable directory entry ({e})")
         return bad
 
-    def prune(self, keep_keys: set[str]) -> int:
-        """Remove manifests not in `keep_keys` and objects no kept manifest names; returns files removed."""
-        removed, live = 0, set()
-        for p, m in self.manifests():
-            if m is not None and m.get("key") in keep_keys:
-                live.update(_objects_of(m))
-            else:
-                p.unlink()
-                removed += 1
-        for obj in (self.root / "objects").glob("*/*"):
-            if obj.name not in live:
-                obj.unlink()
-                removed += 1
-        return removed
+    def prune(self, keep_keys: set[str], older_than_days: float | None = None) -> int:
+        """Remove manifests not in `keep_keys` (and, with `older_than_days`, only those older than that) and
+        objects no kept manifest names; returns files removed. A URL cache prunes its remote and local layer."""
+        stores = [self.remote.store, self.store] if self.remote else [self.store]
+        return sum(_prune(s, keep_keys, older_than_days) for s in stores)
+
+
+def _prune(store, keep_keys: set[str], older_than_days: float | None) -> int:
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    removed, live = 0, set()
+    for e in _checked(store.entries, "keys"):
+        m = _manifest(_checked(store.read, e.rel)) if e.rel.endswith(".json") else None
+        young = cutoff is not None and e.mtime >= cutoff
+        if m is not None and (m.get("key") in keep_keys or young):
+            live.update(_objects_of(m))
+        else:
+            _checked(store.delete, e.rel)
+            removed += 1
+    for e in _checked(store.entries, "objects"):
+        if e.rel.rsplit("/", 1)[-1] not in live and not (cutoff is not None and e.mtime >= cutoff):
+            _checked(store.delete, e.rel)
+            removed += 1
+    return removed
+
+
+def _checked(fn, *args):
+    """A maintenance call on a store: a failing remote is an error the user sees (exit 2), not a warning."""
+    from mlqpipe.build.store import RemoteUnavailable
+    from mlqpipe.errors import MlqpipeError
+
+    try:
+        return fn(*args)
+    except RemoteUnavailable as e:
+        raise MlqpipeError(f"remote cache: {e.reason}") from None
 
 
 def _is_tree(manifest) -> bool:
@@ -202,4 +377,62 @@ def _objects_of(manifest: dict) -> set[str]:
     """The objects an entry needs: its one object, or each file's of a directory entry."""
     if _is_tree(manifest):
         return {e["object"] for e in manifest.get("files", {}).values() if isinstance(e, dict)}
-    return {manifest["object"]}
+    return {manifest["object"]} if isinstance(manifest.get("object"), str) else set()
+
+
+# --- where the cache is: a directory, or a URL with a local layer in front -------------------------------
+
+
+def local_dir(options) -> str:
+    """The local directory of the cache in `options`: the cache itself, or a URL cache's local layer
+    ($MLQPIPE_LOCAL_CACHE, default .mlqpipe-cache). Evaluations of float models are kept here."""
+    if is_url(options.cache_dir):
+        return os.environ.get("MLQPIPE_LOCAL_CACHE") or LOCAL_CACHE
+    return options.cache_dir
+
+
+def evaluation_dir(options) -> str | None:
+    """Where float-output evaluations are cached: the local directory, None when it must not be written
+    (a read-only plain-path cache; a read-only URL cache still writes its local layer)."""
+    if options.read_only_cache and not is_url(options.cache_dir):
+        return None
+    return local_dir(options)
+
+
+def open_cache(options) -> Cache:
+    """The cache `options` names: a directory (`--cache DIR`), or a URL (`--cache s3://bucket/prefix`, any
+    fsspec protocol) behind its local layer; `read_only_cache` then leaves only the remote unwritten."""
+    where = options.cache_dir
+    if not is_url(where):
+        return Cache(Path(where), options.read_only_cache)
+    from mlqpipe.build.store import FsspecStore, Remote
+
+    remote = Remote(FsspecStore(where), getattr(options, "state_dir", ".mlqpipe-state"), read_only=options.read_only_cache)
+    cache = Cache(store=LocalStore(Path(local_dir(options))), remote=remote)
+    keys = _locked_keys(options)
+    if keys and remote.claim("prefetch"):  # once per run: what the lock file says this checkout's build reads
+        cache.prefetch_in_background(keys)
+    return cache
+
+
+def _locked_keys(options) -> list[str]:
+    """The stage keys of the outputs the lock file records (of this shard, when sharded), in order."""
+    try:
+        outputs = json.loads(Path(options.lock_file).read_text(encoding="utf-8")).get("outputs", {})
+    except (TypeError, OSError, ValueError, AttributeError):
+        return []
+    shard = getattr(options, "shard", None)
+    if shard is not None:
+        from mlqpipe.build.lock import in_shard
+
+        outputs = {o: e for o, e in outputs.items() if in_shard(o, shard)}
+    return [k for e in outputs.values() if isinstance(e, dict) for k in e.get("stage_keys", []) if isinstance(k, str)]
+
+
+def check_cache_location(where) -> None:
+    """Fail early (MlqpipeError, exit 2) when a URL cache cannot be opened here (fsspec or its protocol
+    package missing), instead of once per build task."""
+    if is_url(where):
+        from mlqpipe.build.store import check_installed
+
+        check_installed(where)

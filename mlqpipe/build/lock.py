@@ -142,7 +142,25 @@ def _format_of(text: str):
         return None
 
 
-# --- merging the partial locks of a sharded build ------------------------------------------------------
+# --- shards and merging their partial locks ----------------------------------------------------------
+
+
+def shard_of(output, count: int) -> int:
+    """The shard (1..count) an output belongs to: by a hash of its project-relative path, so adding or
+    removing an unrelated recipe moves no other output between shards."""
+    from mlqpipe.fileio import posix_path
+
+    return int(hashlib.sha256(posix_path(output).encode()).hexdigest()[:16], 16) % count + 1
+
+
+def in_shard(output, shard) -> bool:
+    return shard is None or shard_of(output, shard[1]) == shard[0]
+
+
+def shard_lock_file(shard: tuple[int, int]) -> str:
+    """The partial lock file of a shard (`mlqpipe lock merge` combines them into mlqpipe.lock.json)."""
+    return f"mlqpipe.lock.shard-{shard[0]}-of-{shard[1]}.json"
+
 
 
 def merge(paths) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mlqpipe.build.console import BuildReporter
 from mlqpipe.fileio import posix_path
-from mlqpipe.build.tasks import BuildOptions, in_shard, tasks_from_recipes
+from mlqpipe.build.lock import in_shard
+from mlqpipe.build.tasks import BuildOptions, tasks_from_recipes
 
 _CURRENT: dict = {"patterns": (), "options": BuildOptions()}
 
@@ -85,6 +86,12 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
     """Run the build; `keep_going` builds every model it can after a failure (doit's --continue), so one
     run reports every failing model."""
     options = options or BuildOptions()
+    from mlqpipe.build.cache import is_url
+
+    if is_url(options.cache_dir):  # a remote that failed in an earlier build of this process gets another chance
+        from mlqpipe.build.store import forget_remote_failures
+
+        forget_remote_failures(options.state_dir)
     _CURRENT["patterns"], _CURRENT["options"], _CURRENT["tasks"] = tuple(patterns), options, None
     _CURRENT["previous_lock"] = _lock_outputs(options)
     if dry_run:

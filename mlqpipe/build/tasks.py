@@ -24,7 +24,7 @@ from mlqpipe.fileio import posix_path as _posix
 from mlqpipe.fileio import shown_path as _rel
 from mlqpipe.recipe.problems import Problem
 from mlqpipe.build.cache import CACHE_FORMAT
-from mlqpipe.build.lock import LOCK_FORMAT
+from mlqpipe.build.lock import LOCK_FORMAT, in_shard
 
 KERNEL_VERSION = 1  # bump whenever any kernel's output bytes change: invalidates every cached stage
 DEFAULT_CACHE = ".mlqpipe-cache"
@@ -50,19 +50,6 @@ class BuildOptions:
         return asdict(self)
 
 
-def shard_of(output, count: int) -> int:
-    """The shard (1..count) an output belongs to: by a hash of its project-relative path, so adding or
-    removing an unrelated recipe moves no other output between shards."""
-    return int(hashlib.sha256(_posix(output).encode()).hexdigest()[:16], 16) % count + 1
-
-
-def in_shard(output, shard) -> bool:
-    return shard is None or shard_of(output, shard[1]) == shard[0]
-
-
-def shard_lock_file(shard: tuple[int, int]) -> str:
-    """The partial lock file of a shard (`mlqpipe lock merge` combines them into mlqpipe.lock.json)."""
-    return f"mlqpipe.lock.shard-{shard[0]}-of-{shard[1]}.json"
 
 
 def _canonical(obj) -> bytes:
@@ -329,10 +316,10 @@ def _log(options: BuildOptions, event: dict) -> None:
 def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tuple[list[bytes], list[str], bool]:
     """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
     whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...]."""
-    from mlqpipe.build.cache import Cache
+    from mlqpipe.build.cache import open_cache
 
     fmt = _input_format(job)
-    cache = Cache(Path(options.cache_dir), options.read_only_cache)
+    cache = open_cache(options)
     data = _read_artifact(job.input)
     keys = chain_keys(artifact_digest(data), stage_configs(recipe, job, options))
     steps, start = [data], 0
@@ -462,6 +449,7 @@ def write_output_action(recipe_path, input_path, options_dict):
     """Assess the final model (evaluation, report, gates); write the report, and the output only when every
     gate passed. A failed gate fails the task with the gate's message, removes an older output and marks
     the output failed in the lock."""
+    from mlqpipe.build.cache import evaluation_dir
     from mlqpipe.engine.execute import finish_job
     from mlqpipe.engine.plan import decide_stage, matchers_for
     from mlqpipe.errors import MlqpipeError
@@ -480,7 +468,7 @@ def write_output_action(recipe_path, input_path, options_dict):
         final = fmt.from_artifact(data, str(job.input))  # the output (its own object: saving may mark it)
         # a read-only (shared) cache is not written: the float outputs are then recomputed each time
         report = finish_job(job, recipe, final, snapshots, _plans(job.stages, decisions),
-                            cache_dir=None if options.read_only_cache else options.cache_dir)
+                            cache_dir=evaluation_dir(options))
     except GateFailure as e:
         return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("cache", help="inspect or maintain the stage cache")
     s.add_argument("action", choices=["stats", "verify", "prune"])
+    s.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="prune: remove only unreferenced entries older than DAYS")
     _build_options(s)
     s.set_defaults(run=_cache)
 
@@ -158,7 +160,8 @@ def _custom_policy(args):
 
 
 def _build_options(s) -> None:
-    s.add_argument("--cache", default=None, metavar="DIR", help="cache directory (default: $MLQPIPE_CACHE or .mlqpipe-cache)")
+    s.add_argument("--cache", default=None, metavar="DIR", help="cache directory, or a URL (s3://bucket/prefix, gs://, az://: a remote cache behind a local one; "
+                   "needs mlqpipe[remote]) (default: $MLQPIPE_CACHE or .mlqpipe-cache)")
     s.add_argument("--cache-read-only", action="store_true", help="use the cache but never write it (developers on a CI cache)")
     s.add_argument("--salt", default="", help="extra string mixed into every cache key")
     _custom_code_options(s)
@@ -207,9 +210,11 @@ def _build(args) -> int:
     keep_going = args.keep_going if args.keep_going is not None else os.environ.get("CI", "") not in ("", "0", "false")
     from dataclasses import replace
 
-    from mlqpipe.build.tasks import shard_lock_file
+    from mlqpipe.build.cache import check_cache_location
+    from mlqpipe.build.lock import shard_lock_file
 
     options = _options(args)
+    check_cache_location(options.cache_dir)  # a URL cache without its extra: one error, exit 2
     if args.shard is not None:
         options = replace(options, shard=args.shard, lock_file=shard_lock_file(args.shard))
     return build(args.recipes, jobs=args.jobs, dry_run=args.dry_run, force=args.force, prune=args.prune,
@@ -219,10 +224,10 @@ def _build(args) -> int:
 def _cache(args) -> int:
     import json
 
-    from mlqpipe.build.cache import Cache
+    from mlqpipe.build.cache import open_cache
 
     options = _options(args)
-    cache = Cache(options.cache_dir, options.read_only_cache)
+    cache = open_cache(options)
     if args.action == "stats":
         print(json.dumps(cache.stats(), indent=2))
         return EXIT_OK
@@ -234,7 +239,7 @@ def _cache(args) -> int:
         return EXIT_FINDINGS if bad else EXIT_OK
     from mlqpipe.build.run import referenced_keys
 
-    removed = cache.prune(referenced_keys(options))
+    removed = cache.prune(referenced_keys(options), args.older_than)
     print(f"{cache.root}: removed {removed} file(s) not referenced by {options.lock_file}")
     return EXIT_OK
 

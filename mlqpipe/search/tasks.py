@@ -16,8 +16,6 @@ cached entries of the stage cache either way, so a re-run measures only what cha
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from mlqpipe.build.tasks import BuildOptions, input_files
 
 
@@ -67,7 +65,7 @@ def search_action(recipe_path: str, options_dict: dict, jobs: int) -> bool:
     """A doit action (plain arguments: picklable): search one recipe, write its resolved recipe and report."""
     import sys
 
-    from mlqpipe.build.cache import Cache
+    from mlqpipe.build.cache import evaluation_dir, open_cache
     from mlqpipe.errors import MlqpipeError
     from mlqpipe.recipe import load_recipe
     from mlqpipe.search.resolve import write_report, write_resolved
@@ -76,8 +74,8 @@ def search_action(recipe_path: str, options_dict: dict, jobs: int) -> bool:
     options = BuildOptions(**options_dict)
     try:
         recipe = load_recipe(recipe_path, allow_outside_root=options.allow_outside_root)
-        cache = Cache(Path(options.cache_dir), options.read_only_cache)
-        results = search_recipe(recipe, cache=cache, cache_dir=None if options.read_only_cache else options.cache_dir, jobs=jobs,
+        cache = open_cache(options)
+        results = search_recipe(recipe, cache=cache, cache_dir=evaluation_dir(options), jobs=jobs,
                                 allow_custom=options.allow_custom, allow_outside_root=options.allow_outside_root)
         write_resolved(recipe, results)
         write_report(recipe, results)

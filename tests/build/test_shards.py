@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from mlqpipe.build.tasks import shard_of
+from mlqpipe.build.lock import shard_of
 from mlqpipe.cli import main
 from tests.builders import write_fleet
 from tests.conftest import REPO
