@@ -13,6 +13,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None):
     q, k, v = floats(query), floats(key), floats(value)
     if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise Refuse(f"query {list(q.shape)}, key {list(k.shape)} and value {list(v.shape)} do not fit")
+    if k.shape[-2] == 0 or q.shape[-1] == 0:  # softmax of no scores; a scale of 1/sqrt(0)
+        raise Refuse(f"key {list(k.shape)}: no keys or an empty embedding")
     try:
         scores = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(np.float32(q.shape[-1]))
     except ValueError:
@@ -26,6 +28,8 @@ def _scaled_dot_product_attention(query, key, value, attn_mask=None):
                 scores = scores + floats(m)
         except ValueError:
             raise Refuse(f"attn_mask of shape {list(m.shape)} for scores of shape {list(scores.shape)}") from None
+    if scores.shape[-1] == 0:  # the mask broadcast the keys away
+        raise Refuse(f"attn_mask of shape {list(np.shape(attn_mask))} leaves no keys")
     top = scores.max(axis=-1, keepdims=True)
     if np.any(np.isneginf(top)):
         raise Refuse("a query whose every key is masked out")
