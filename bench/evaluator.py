@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verdict import print_targets  # noqa: E402  (bench/verdict.py)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("MLQPIPE_BENCH_CACHE", "/tmp/mlqpipe-bench"))
@@ -291,9 +294,7 @@ def main() -> int:
         return 0
     r = bench(quick=args.quick, log=lambda m: print(m, file=sys.stderr))
     print("\n".join(report_lines(r)))
-    for t in targets(r):
-        print(f"{t['target']}: {t['value'] if isinstance(t['value'], str) else round(t['value'], 3)} (goal {t['goal']}) {'PASS' if t['pass'] else 'FAIL'}")
-    return 0 if all(t["pass"] for t in targets(r)) else 1
+    return print_targets(targets(r))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verdict import print_targets  # noqa: E402  (bench/verdict.py)
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("MLQPIPE_BENCH_CACHE", "/tmp/mlqpipe-bench"))
 MODEL_REL = "Data/com.apple.CoreML/model.mlmodel"
@@ -810,9 +813,7 @@ def main() -> int:
     r = bench(skip_2gb=args.skip_2gb, quick=args.quick, compress=not args.no_compress, fresh_coremltools=args.fresh_coremltools,
               log=lambda m: print(m, file=sys.stderr))
     print("\n".join(report_lines(r)))
-    for t in targets(r):
-        print(f"{t['target']}: {t['value'] if t['value'] is None else round(t['value'], 3)} (goal {t['goal']}) {'PASS' if t['pass'] else 'FAIL'}")
-    return 0 if all(t["pass"] for t in targets(r)) else 1
+    return print_targets(targets(r))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from build_timing import RECIPE, make_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verdict import print_targets  # noqa: E402  (bench/verdict.py)
+
 N, REPEAT = 50, 3
 BUCKET = "mlq-bench"
 ENV = {"AWS_ACCESS_KEY_ID": "AKIABENCHFAKEKEY0001", "AWS_SECRET_ACCESS_KEY": "bench-fake-secret", "AWS_DEFAULT_REGION": "us-east-1",
@@ -240,10 +243,7 @@ def report_lines(r: dict) -> list[str]:
 def main() -> int:
     r = bench(log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: v for k, v in r.items() if k != "summaries"}, indent=2))
-    ts = targets(r)
-    for t in ts:
-        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']} ({t['goal']})")
-    return 0 if all(t["pass"] for t in ts) else 1
+    return print_targets(targets(r))
 
 
 if __name__ == "__main__":

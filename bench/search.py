@@ -45,6 +45,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verdict import print_targets  # noqa: E402  (bench/verdict.py)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEMO = ROOT / "pipelines" / "demo"
@@ -369,10 +372,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     print("\n".join(report_lines(r)))
-    ts = targets(r)
-    for t in ts:
-        print(f"{t['target']}: {t['value']} (goal {t['goal']}) {'PASS' if t['pass'] else 'FAIL'}")
-    return 0 if all(t["pass"] for t in ts) else 1
+    return print_targets(targets(r))
 
 
 if __name__ == "__main__":
