@@ -174,7 +174,6 @@ def quantize(paths, allow_custom=True, verbose: int = 0, allow_outside_root: boo
 
 def search(paths, options, jobs: int = 1, verbose: int = 0) -> int:
     """Search every recipe; write each one's resolved recipe and search report; print a table per model."""
-    from mlqpipe.build.cache import evaluation_dir, open_cache
     from mlqpipe.search.resolve import write_report, write_resolved
     from mlqpipe.search.run import search_recipe
 
@@ -184,10 +183,8 @@ def search(paths, options, jobs: int = 1, verbose: int = 0) -> int:
             problems.append(Problem(str(r.path), 0, 0, "", f"{_rel(r.path)} has no search: section (or search: null): nothing to search",
                                     "add search: {rules: [...], candidates: [...]}, or build the recipe"))
     raise_problems(problems)
-    cache = open_cache(options)
     for r in recipes:
-        results = search_recipe(r, cache=cache, cache_dir=evaluation_dir(options), jobs=jobs,
-                                allow_custom=options.allow_custom, allow_outside_root=options.allow_outside_root)
+        results = search_recipe(r, options, jobs=jobs)
         resolved = write_resolved(r, results)
         reports = write_report(r, results)
         print(f"{_rel(r.path)} -> {_rel(resolved)}  (report: {_rel(reports[1])})")

@@ -117,13 +117,16 @@ def _stage_key(stage) -> dict:
 class _Context:
     """What every measurement of one model shares: the float input, the base, the data, the cache."""
 
-    def __init__(self, job: ModelJob, recipe: Recipe, cache, cache_dir, allow_custom):
+    def __init__(self, job: ModelJob, recipe: Recipe, options):
+        from mlqpipe.build.cache import evaluation_dir, open_cache
         from mlqpipe.engine.execute import run_job
         from mlqpipe.formats.registry import format_of, load_model
 
-        self.job, self.recipe, self.cache, self.cache_dir, self.allow_custom = job, recipe, cache, cache_dir, allow_custom
+        self.job, self.recipe, self.allow_custom = job, recipe, options.allow_custom
+        self.cache = open_cache(options)  # trials are entries of the build's cache (local or remote)
+        self.cache_dir = evaluation_dir(options)  # where the float model's outputs are kept (always local)
         self.float_model = load_model(job.input)
-        self.base, _ = run_job(job, recipe, allow_custom=allow_custom, model=self.float_model)
+        self.base, _ = run_job(job, recipe, allow_custom=self.allow_custom, model=self.float_model)
         self.fmt = format_of(self.base)
         self.cfg = search_evaluation(job, recipe)
         self.base_digest = _digest_of(self.base)
@@ -134,20 +137,18 @@ class _Context:
         """A cached measurement, or `build()` -> model, evaluated against the float input and cached."""
         from mlqpipe.quality.gates import evaluate_models
 
-        if self.cache is not None:
-            stored = self.cache.get(key)
-            if stored is not None:
-                try:
-                    return Measured(**json.loads(stored), cached=True)
-                except (ValueError, TypeError):
-                    pass  # an unreadable entry is measured again
+        stored = self.cache.get(key)
+        if stored is not None:
+            try:
+                return Measured(**json.loads(stored), cached=True)
+            except (ValueError, TypeError):
+                pass  # an unreadable entry is measured again
         model = build()
         evaluation = evaluate_models(self.cfg, self.float_model, model, self.cache_dir, str(self.job.input.name))
         if not evaluation.evaluated:
             raise RecipeError(f"{self.job.input}: the search cannot evaluate this model: {evaluation.reason}")
         measured = Measured.of(evaluation, self.fmt.size(model))
-        if self.cache is not None:
-            self.cache.put(key, json.dumps(measured.as_dict(), sort_keys=True).encode(), {"search": str(self.job.input)})
+        self.cache.put(key, json.dumps(measured.as_dict(), sort_keys=True).encode(), {"search": str(self.job.input)})
         return measured
 
     def apply(self, model, choices: list[tuple[Group, int]]):
@@ -180,30 +181,31 @@ class _Context:
 
 def _trial_worker(args):
     """A process pool's trial: the context is rebuilt once per worker and model (the base is deterministic)."""
-    recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom, group, index = args
-    ctx = _worker_context(recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom)
+    recipe_path, options_dict, entry_index, input_path, group, index = args
+    ctx = _worker_context(recipe_path, options_dict, entry_index, input_path)
     return ctx.trial(group, index)
 
 
 _WORKER: dict = {}
 
 
-def _worker_context(recipe_path, outside_root, entry_index, input_path, cache_dir, allow_custom):
+def _worker_context(recipe_path, options_dict, entry_index, input_path):
     key = (recipe_path, input_path)
     if key not in _WORKER:
-        from mlqpipe.build.cache import Cache
+        from mlqpipe.build.tasks import BuildOptions
         from mlqpipe.recipe import load_recipe
 
-        recipe = load_recipe(recipe_path, allow_outside_root=outside_root)
+        options = BuildOptions(**options_dict)
+        recipe = load_recipe(recipe_path, allow_outside_root=options.allow_outside_root)
         job = next(j for j in recipe.models if j.entry == entry_index and str(j.input) == input_path)
         _WORKER.clear()
-        _WORKER[key] = _Context(job, recipe, Cache(Path(cache_dir)) if cache_dir else None, cache_dir, allow_custom)
+        _WORKER[key] = _Context(job, recipe, options)
     return _WORKER[key]
 
 
-def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, jobs: int = 1, allow_custom=True,
-                 allow_outside_root: bool = False, progress: StatusLine | None = None) -> ModelResult:
-    ctx = _Context(job, recipe, cache, cache_dir, allow_custom)
+def search_model(job: ModelJob, recipe: Recipe, options, *, jobs: int = 1, progress: StatusLine | None = None) -> ModelResult:
+    """One model's search; `options` (BuildOptions) name the cache, and the custom-code and output-root policies."""
+    ctx = _Context(job, recipe, options)
     groups, problems = groups_of(job, recipe, ctx.base)
     raise_problems(problems)
     gates = search_gates(job, recipe)
@@ -218,8 +220,7 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
     work = [(gi, ci) for gi, g in enumerate(groups) for ci in range(1, len(g.candidates))]
     results: dict = {}
     if jobs > 1 and len(work) > 1:
-        args = [(str(recipe.path), allow_outside_root, job.entry, str(job.input), cache_dir, allow_custom, groups[gi], ci)
-                for gi, ci in work]
+        args = [(str(recipe.path), options.as_args(), job.entry, str(job.input), groups[gi], ci) for gi, ci in work]
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for n, ((gi, ci), measured) in enumerate(zip(work, pool.map(_trial_worker, args)), 1):
                 results[gi, ci] = measured
@@ -265,14 +266,12 @@ def search_model(job: ModelJob, recipe: Recipe, *, cache=None, cache_dir=None, j
     return ModelResult(job, gates, float_size, base, groups, trials, chosen, final, verifications)
 
 
-def search_recipe(recipe: Recipe, *, cache=None, cache_dir=None, jobs: int = 1, allow_custom=True,
-                  allow_outside_root: bool = False) -> list[ModelResult]:
+def search_recipe(recipe: Recipe, options, *, jobs: int = 1) -> list[ModelResult]:
+    """Search every model of `recipe`; `options` (mlqpipe.build.BuildOptions) name the cache the trials live in."""
     if recipe.search is None:
         raise RecipeError(f"{recipe.path}: the recipe has no search: section (nothing to search; build it instead)")
     progress = StatusLine()
     try:
-        return [search_model(job, recipe, cache=cache, cache_dir=cache_dir, jobs=jobs, allow_custom=allow_custom,
-                             allow_outside_root=allow_outside_root, progress=progress)
-                for job in recipe.models]
+        return [search_model(job, recipe, options, jobs=jobs, progress=progress) for job in recipe.models]
     finally:
         progress.clear()

@@ -65,7 +65,6 @@ def search_action(recipe_path: str, options_dict: dict, jobs: int) -> bool:
     """A doit action (plain arguments: picklable): search one recipe, write its resolved recipe and report."""
     import sys
 
-    from mlqpipe.build.cache import evaluation_dir, open_cache
     from mlqpipe.errors import MlqpipeError
     from mlqpipe.recipe import load_recipe
     from mlqpipe.search.resolve import write_report, write_resolved
@@ -74,9 +73,7 @@ def search_action(recipe_path: str, options_dict: dict, jobs: int) -> bool:
     options = BuildOptions(**options_dict)
     try:
         recipe = load_recipe(recipe_path, allow_outside_root=options.allow_outside_root)
-        cache = open_cache(options)
-        results = search_recipe(recipe, cache=cache, cache_dir=evaluation_dir(options), jobs=jobs,
-                                allow_custom=options.allow_custom, allow_outside_root=options.allow_outside_root)
+        results = search_recipe(recipe, options, jobs=jobs)
         write_resolved(recipe, results)
         write_report(recipe, results)
     except MlqpipeError as e:
