@@ -472,7 +472,7 @@ def for_building(recipes: list[Recipe], load) -> tuple[list[Recipe], list[Proble
     out, problems, seen = [], [], set()
     for r in recipes:
         if r.search is not None:
-            path = r.path.parent / r.search.output.format(recipe=r.path.stem)
+            path = r.resolved_path
             if not path.is_file():
                 file, line, col = r.locations.get(("search",), (str(r.path), 0, 0))
                 problems.append(Problem(file, line, col, "search", f"{_shown(r.path)} searches; its result {_shown(path)} does not exist yet",

@@ -180,6 +180,11 @@ class Recipe:
     def rule(self, name: str) -> Rule:
         return next(r for r in self.rules if r.name == name)
 
+    @property
+    def resolved_path(self) -> Path | None:
+        """Where `mlqpipe search` writes this recipe's result (beside it); None without a search."""
+        return None if self.search is None else self.path.parent / self.search.output.format(recipe=self.path.stem)
+
     def where(self, *path) -> str:
         file, line, col = self.locations.get(tuple(path), (str(self.path), 0, 0))
         return f"{file}:{line}:{col}" if line else file

@@ -19,10 +19,6 @@ from mlqpipe.recipe.types import Recipe
 from mlqpipe.search.run import ModelResult
 
 
-def resolved_path(recipe: Recipe) -> Path:
-    return recipe.path.parent / recipe.search.output.format(recipe=recipe.path.stem)
-
-
 def _stage_entry(stage, name: str, rules: list[str]) -> dict:
     entry = {"name": name, "mode": stage.mode}
     for key in stage.keys_set():
@@ -95,14 +91,14 @@ def write_resolved(recipe: Recipe, results: list[ModelResult]) -> Path:
 
     doc, comment = resolved_document(recipe, results)
     text = "".join(f"# {line}\n" for line in comment) + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120)
-    path = resolved_path(recipe)
+    path = recipe.resolved_path
     atomic_write(path, text.encode())
     return path
 
 
 def report(recipe: Recipe, results: list[ModelResult]) -> dict:
     """The search's report (JSON): per model, the base, every trial, the verifications and the choice."""
-    out = {"recipe": recipe.path.name, "resolved": resolved_path(recipe).name, "models": []}
+    out = {"recipe": recipe.path.name, "resolved": recipe.resolved_path.name, "models": []}
     for r in results:
         out["models"].append({
             "input": str(r.job.input), "gates": r.gates, "float_bytes": r.float_size, "base": r.base.as_dict(),
@@ -120,7 +116,7 @@ def write_report(recipe: Recipe, results: list[ModelResult]) -> list[Path]:
     from mlqpipe.fileio import atomic_write
 
     data = report(recipe, results)
-    base = resolved_path(recipe).with_suffix("")
+    base = recipe.resolved_path.with_suffix("")
     json_path, md_path = Path(f"{base}.search.json"), Path(f"{base}.search.md")
     atomic_write(json_path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode())
     atomic_write(md_path, markdown(data).encode())

@@ -27,7 +27,6 @@ def tasks_from_search(*patterns, options: BuildOptions | None = None, jobs: int 
     from mlqpipe import __version__
     from mlqpipe.errors import RecipeError
     from mlqpipe.recipe import load_recipe
-    from mlqpipe.search.resolve import resolved_path
     from mlqpipe.search.run import SEARCH_VERSION
 
     options = options or BuildOptions(**kwargs)
@@ -48,7 +47,7 @@ def tasks_from_search(*patterns, options: BuildOptions | None = None, jobs: int 
             for cfg in (job.evaluation, recipe.search.evaluation):
                 if cfg is not None and cfg.data is not None:
                     deps.append(str(cfg.data))
-        out = resolved_path(recipe)
+        out = recipe.resolved_path
         base = out.with_suffix("")
         yield {
             "name": str(path),

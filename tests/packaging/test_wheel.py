@@ -259,7 +259,7 @@ def _built_as(root: Path, recipe: str) -> str:
     loaded = load_recipe(root / recipe, project_root=root)
     if loaded.search is None:
         return recipe
-    return (Path(recipe).parent / loaded.search.output.format(recipe=Path(recipe).stem)).as_posix()
+    return (Path(recipe).parent / loaded.resolved_path.name).as_posix()
 
 
 def _check_built(root: Path, lock: dict, recipe: str) -> None:

@@ -34,7 +34,7 @@ def test_example_validates_plans_and_builds(copy, name):
     plans, problems = plan_recipe(recipe)
     assert problems == []
     if recipe.search is not None:  # a search recipe is built as its resolved recipe (checked in beside it)
-        recipe = load_recipe(copy / Path(name).parent / recipe.search.output.format(recipe=Path(name).stem))
+        recipe = load_recipe(recipe.resolved_path)
         plans, problems = plan_recipe(recipe)
         assert problems == [] and recipe.search is None
     inputs = {job.input: digest(job.input) for job in recipe.models}
