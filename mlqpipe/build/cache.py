@@ -27,9 +27,10 @@ from mlqpipe.artifacts import TreeFile, read_tree, tree_digest
 from mlqpipe.build.store import LocalStore, is_url
 
 CACHE_FORMAT = 1
-LOCAL_CACHE = ".mlqpipe-cache"
+LOCAL_CACHE = ".mlqpipe-cache"  # the local layer of a URL cache, unless $MLQPIPE_LOCAL_CACHE says otherwise
 _PENDING: dict = {}  # local directory -> {manifest rel: Event set once its prefetch batch is done}
-PREFETCH_WAIT = 120  # seconds a read waits for its background prefetch batch before reading by itself  # the local layer of a URL cache, unless $MLQPIPE_LOCAL_CACHE says otherwise
+os.register_at_fork(after_in_child=_PENDING.clear)  # a forked worker hears nothing of the prefetch: it reads itself
+PREFETCH_WAIT = 120  # seconds a read waits for its background prefetch batch before reading by itself
 
 
 def sha256(data: bytes) -> str:
@@ -156,29 +157,19 @@ class Cache:
         return copied
 
     def prefetch_in_background(self, keys, batch: int = 32) -> None:
-        """Prefetch `keys` in this order, `batch` at a time, in a thread while the build runs: a fresh
-        checkout of a committed lock file then waits for the remote's round trips (and the protocol
+        """Prefetch `keys` in this order, `batch` at a time, in a process beside the build (prefetch.py): a
+        fresh checkout of a committed lock file then waits for the remote's round trips (and the protocol
         library's import) alongside its own work instead of before each stage. A read of a key not yet
         fetched waits for its batch rather than fetching it twice."""
         import threading
 
+        from mlqpipe.build import prefetch
+
         keys = list(dict.fromkeys(keys))
         pending = {_key_rel(k): threading.Event() for k in keys}
-
-        def run():  # a small first batch: the build's first stages need not wait for a whole batch
-            starts = [0, *range(min(8, batch), len(keys), batch)]
-            for i, j in zip(starts, [*starts[1:], len(keys)]):
-                chunk = keys[i:j]
-                try:
-                    self.prefetch(chunk)
-                except Exception:  # noqa: BLE001 — a failed prefetch only means the normal reads do the work
-                    pass
-                finally:
-                    for k in chunk:
-                        pending[_key_rel(k)].set()
-
         _PENDING[str(self.store.root.resolve())] = pending  # every cache of this process on this directory waits
-        threading.Thread(target=run, name="mlqpipe-cache-prefetch", daemon=True).start()
+        prefetch.start(self.remote.store.url, self.store.root.resolve(), self.remote.marker.parent, self.remote.run, keys, pending,
+                       _key_rel, batch)
 
     def _wait_for_prefetch(self, rel: str) -> None:
         if self.remote is None or not _PENDING:
@@ -219,6 +210,11 @@ class Cache:
         manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
         self._store(_key_rel(key), json.dumps(manifest, sort_keys=True, indent=1).encode(), content_addressed=False)
         return digest
+
+    def entry(self, key: str) -> dict | None:
+        """The manifest stored under `key` (what made the entry, and what a stage kept with it), or None.
+        Its objects are not read: `get_artifact` reads and verifies them."""
+        return self._read_manifest(key)
 
     def get_tree(self, key: str) -> dict[str, bytes] | None:
         """The files {relative path: bytes} of the directory stored under `key`, every object and the tree
@@ -416,7 +412,7 @@ def open_cache(options) -> Cache:
 
 
 def _locked_keys(options) -> list[str]:
-    """The stage keys of the outputs the lock file records (of this shard, when sharded), in order."""
+    """The final stage key of each output the lock file records (of this shard, when sharded), in order."""
     try:
         outputs = json.loads(Path(options.lock_file).read_text(encoding="utf-8")).get("outputs", {})
     except (TypeError, OSError, ValueError, AttributeError):
@@ -426,7 +422,8 @@ def _locked_keys(options) -> list[str]:
         from mlqpipe.build.lock import in_shard
 
         outputs = {o: e for o, e in outputs.items() if in_shard(o, shard)}
-    return [k for e in outputs.values() if isinstance(e, dict) for k in e.get("stage_keys", []) if isinstance(k, str)]
+    # the final entry of each output holds the output and every stage's report rows: all a warm build reads
+    return [k for e in outputs.values() if isinstance(e, dict) for k in (e.get("stage_keys") or [])[-1:] if isinstance(k, str)]
 
 
 def check_cache_location(where) -> None:

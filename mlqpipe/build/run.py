@@ -92,6 +92,10 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
         from mlqpipe.build.store import forget_remote_failures
 
         forget_remote_failures(options.state_dir)
+        if not dry_run:  # the prefetch of what the lock file records starts now, while the recipes load
+            from mlqpipe.build.cache import open_cache
+
+            open_cache(options)
     _CURRENT["patterns"], _CURRENT["options"], _CURRENT["tasks"] = tuple(patterns), options, None
     _CURRENT["previous_lock"] = _lock_outputs(options)
     if dry_run:

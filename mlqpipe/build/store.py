@@ -323,10 +323,10 @@ class Remote:
     """A remote store that never fails the build: the first failure prints one warning line and marks the
     remote down for the rest of the run (this process, and through a marker file its sibling workers)."""
 
-    def __init__(self, store: FsspecStore, state_dir, *, read_only: bool = False):
+    def __init__(self, store: FsspecStore, state_dir, *, read_only: bool = False, run: str | None = None):
         self.store, self.read_only = store, read_only
         self.marker = Path(state_dir).resolve() / MARKER
-        self.run = run_id()
+        self.run = run or run_id()  # a helper process (the prefetch) passes its build's
 
     @property
     def _key(self):

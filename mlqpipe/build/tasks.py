@@ -313,15 +313,25 @@ def _log(options: BuildOptions, event: dict) -> None:
         f.write(json.dumps(event, sort_keys=True) + "\n")
 
 
-def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tuple[list[bytes], list[str], bool]:
-    """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
-    whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...]."""
+ROWS = "report_rows"  # in a stage's cache manifest: the report rows of every stage up to it, one list per stage
+
+
+def _chain_start(options, recipe, job):
+    """The cache, the input as the cache keeps it, and the stage keys chained from its digest."""
     from mlqpipe.build.cache import open_cache
 
-    fmt = _input_format(job)
     cache = open_cache(options)
     data = _read_artifact(job.input)
-    keys = chain_keys(artifact_digest(data), stage_configs(recipe, job, options))
+    return cache, data, chain_keys(artifact_digest(data), stage_configs(recipe, job, options))
+
+
+def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False, start_with=None) -> tuple[list[bytes], list[str], bool]:
+    """The model after stage `upto` (-1: the input), from the cache or computed, with the stage keys and
+    whether any stage had to be computed. With `keep_all`, every step: [input, after stage 0, ...].
+    A computed stage is stored with its report rows and those of the stages before it (`ROWS`), so the
+    output task can write the report from the final entry alone."""
+    fmt = _input_format(job)
+    cache, data, keys = start_with or _chain_start(options, recipe, job)
     steps, start = [data], 0
     if keep_all:  # every step is wanted: take cached stages in order up to the first miss
         for i in range(upto + 1):
@@ -339,19 +349,48 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False) -> tup
     computed = start <= upto
     if computed:
         from mlqpipe.engine.execute import run_stage
+        from mlqpipe.quality.report import rows_of_stage
 
+        rows = [] if start == 0 else _cached_rows(cache, keys[start - 1], start)
         model = fmt.from_artifact(steps[-1], str(job.input))
         if start == 0 and job.deployment_target:  # the recipe's explicit raise, before the first stage (in its key)
             from mlqpipe.engine.plan import raise_target
 
             raise_target(model, job, recipe)
         for i in range(start, upto + 1):
-            run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
+            before = fmt.from_artifact(steps[-1], str(job.input)) if rows is not None else None
+            plan = run_stage(model, job.stages[i], recipe, allow_custom=options.allow_custom)
+            if rows is not None:
+                rows = rows + [rows_of_stage(before, model, job.stages[i], plan.decisions)]
             steps.append(fmt.to_artifact(model))
-            cache.put_artifact(keys[i], steps[-1], {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path)})
+            cache.put_artifact(keys[i], steps[-1], {"stage": job.stages[i].name, "input": _rel(job.input), "recipe": _rel(recipe.path),
+                                                    **({ROWS: rows} if rows is not None else {})})
+    return steps, keys, computed
+
+
+def _log_problems(options, cache) -> None:
     for problem in cache.problems:
         _log(options, {"event": "cache-problem", "message": problem})
-    return steps, keys, computed
+
+
+def _cached_rows(cache, key: str, stages: int) -> list[list[dict]] | None:
+    """The report rows of the first `stages` stages, from the manifest of the entry after them (None when
+    it has none: an entry written before they were kept)."""
+    rows = (cache.entry(key) or {}).get(ROWS)
+    ok = isinstance(rows, list) and len(rows) == stages and all(isinstance(r, list) for r in rows)
+    return rows if ok else None
+
+
+def _final_from_cache(cache, keys: list[str], stages) -> tuple[bytes | dict, list[dict]] | None:
+    """The final model and every stage's report rows from the last stage's entry alone, or None (then
+    the chain is read, or computed, stage by stage). Names are not in the keys: rows take this recipe's."""
+    if not keys:
+        return None
+    rows = _cached_rows(cache, keys[-1], len(stages))
+    final = cache.get_artifact(keys[-1]) if rows is not None else None
+    if final is None:
+        return None
+    return final, [{**row, "stage": stage.name} for stage, stage_rows in zip(stages, rows) for row in stage_rows]
 
 
 def _input_format(job):
@@ -438,7 +477,14 @@ def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | boo
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
-        _, keys, computed = _stage_chain(options, recipe, job, index)
+        chain = _chain_start(options, recipe, job)
+        cache, _, keys = chain
+        # nothing to do when this stage's entry, or the final one, is cached: the output task reads the final
+        # entry only, so a warm cache (a remote one especially) is never asked for intermediate models
+        computed = False
+        if cache.entry(keys[-1]) is None and cache.entry(keys[index]) is None:
+            _, keys, computed = _stage_chain(options, recipe, job, index, start_with=chain)
+        _log_problems(options, cache)
     except MlqpipeError as e:
         return _failed(options, recipe, job, e)
     _log(options, {"event": "stage", "recipe": recipe_path, "input": input_path, "stage": job.stages[index].name, "computed": computed})
@@ -458,17 +504,25 @@ def write_output_action(recipe_path, input_path, options_dict):
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
         fmt = _input_format(job)
-        steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True)
-        snapshots = [fmt.from_artifact(step, str(job.input)) for step in steps]
+        chain = _chain_start(options, recipe, job)
+        cached = _final_from_cache(chain[0], chain[2], job.stages)
+        if cached is not None:  # the input (a local file) and the final entry: no intermediate model is read
+            (data, rows), keys, computed = cached, chain[2], False
+            steps = [chain[1], data]
+            snapshots, plans = [fmt.from_artifact(step, str(job.input)) for step in steps], None
+        else:
+            steps, keys, computed = _stage_chain(options, recipe, job, len(job.stages) - 1, keep_all=True, start_with=chain)
+            snapshots, rows = [fmt.from_artifact(step, str(job.input)) for step in steps], None
+            decisions = [
+                [] if stage.mode == "fold" else decide_stage(snapshots[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
+                for i, stage in enumerate(job.stages)
+            ]
+            plans = _plans(job.stages, decisions)
+        _log_problems(options, chain[0])
         data = steps[-1]
-        decisions = [
-            [] if stage.mode == "fold" else decide_stage(snapshots[i], stage, recipe, matchers_for(stage, recipe, options.allow_custom))[0]
-            for i, stage in enumerate(job.stages)
-        ]
         final = fmt.from_artifact(data, str(job.input))  # the output (its own object: saving may mark it)
         # a read-only (shared) cache is not written: the float outputs are then recomputed each time
-        report = finish_job(job, recipe, final, snapshots, _plans(job.stages, decisions),
-                            cache_dir=evaluation_dir(options))
+        report = finish_job(job, recipe, final, snapshots, plans, cache_dir=evaluation_dir(options), rows=rows)
     except GateFailure as e:
         return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:

@@ -68,13 +68,14 @@ def run_job(job: ModelJob, recipe: Recipe, *, allow_custom: bool | tuple = True,
     return model, plans
 
 
-def finish_job(job: ModelJob, recipe: Recipe, model, snapshots: list, plans: list[StagePlan], warn=None,
-               cache_dir=None) -> dict:
+def finish_job(job: ModelJob, recipe: Recipe, model, snapshots: list, plans: list[StagePlan] | None, warn=None,
+               cache_dir=None, rows: list[dict] | None = None) -> dict:
     """Assess (evaluation, report, gates), then write the report and — only if every gate passed — the
     output, checked against Core ML's rules and written atomically. `snapshots`: the input and the model
     after each stage. Rules the input already breaks are reported by `warn(message)` (default: a warning
     line on stderr) and not held against the output. `cache_dir`: where the float model's evaluation
-    outputs are kept between builds (None: not kept)."""
+    outputs are kept between builds (None: not kept). `rows`: the stages' report rows when the caller
+    knows them (a build keeps them in its cache); `snapshots` is then the input and the output only."""
     from mlqpipe.engine.plan import setting_problems
     from mlqpipe.quality.gates import GateFailure, assess
     from mlqpipe.quality.report import write_report
@@ -85,7 +86,8 @@ def finish_job(job: ModelJob, recipe: Recipe, model, snapshots: list, plans: lis
     fmt.inherit_findings(model, snapshots[0], str(job.input), warn or _warn)
     try:
         restoring = frozenset(s.name for s in job.stages if s.mode != "fold" and mode_named(s.mode).reads_quantized)
-        report = assess(job, recipe, snapshots, [p.decisions for p in plans], cache_dir=cache_dir, restoring=restoring)
+        report = assess(job, recipe, snapshots, None if plans is None else [p.decisions for p in plans], cache_dir=cache_dir,
+                        restoring=restoring, rows=rows)
     except GateFailure as e:
         write_report(e.report, job, recipe, recipe.report.formats, snapshots)  # the callers remove an older output
         raise

@@ -111,15 +111,15 @@ def evaluate_models(cfg, float_model, quantized, cache_dir=None, what: str = "mo
                         cache=FloatCache(cache_dir) if cache_dir else None, what=what)
 
 
-def assess(job, recipe, models: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset()) -> dict:
+def assess(job, recipe, models: list, decisions_by_stage=None, cache_dir=None, restoring=frozenset(), rows=None) -> dict:
     """The report of one built model, gates applied. Raises GateFailure when a gate fails. `cache_dir`: where
     the float model's outputs on the data are kept between builds (None: not kept); `restoring`: stages
-    that dequantize (see report.flags)."""
+    that dequantize (see report.flags); `rows`: the stages' report rows when known (see build_report)."""
     evaluation = None
     wants_eval = job.evaluation is not None or any(getattr(job.gates, g) is not None for g in EVALUATION_GATES)
     if wants_eval:
         evaluation = _evaluate(job, models, cache_dir)
-    report = build_report(job, recipe, models, decisions_by_stage, evaluation, restoring)
+    report = build_report(job, recipe, models, decisions_by_stage, evaluation, restoring, rows)
     rule_snr = {r.name: r.min_snr_db for r in recipe.rules if r.min_snr_db is not None}
     sizes = (report["totals"]["bytes_before"], report["totals"]["bytes_after"])
     allow = bool(job.evaluation and job.evaluation.allow_unevaluated)

@@ -54,23 +54,32 @@ def stage_rows(models: list, stages, decisions_by_stage: list | None = None) -> 
     """One row per weight a stage changed: metrics between the model before and after that stage
     (`models`: the input and the model after each stage)."""
     rows = []
-    fmt = format_of(models[0])
     for i, stage in enumerate(stages):
-        if stage.mode == "fold":
+        rows += rows_of_stage(models[i], models[i + 1], stage, decisions_by_stage[i] if decisions_by_stage else None)
+    return rows
+
+
+def rows_of_stage(before_model, after_model, stage, decisions=None) -> list[dict]:
+    """The rows of one stage (`decisions`: its plan's, naming the rule that chose each weight). A build
+    computes them when it runs the stage and keeps them in the stage's cache entry, so writing the report
+    later needs only the input and the final model."""
+    if stage.mode == "fold":
+        return []
+    fmt = format_of(before_model)
+    before = {r.id: r for r in fmt.inventory(before_model)}
+    rules = {d.id: d.rule for d in decisions} if decisions else {}
+    rows = []
+    for rec in fmt.inventory(after_model):
+        old = before.get(rec.id)
+        if old is None or old.storage.describe() == rec.storage.describe():  # the detail shows a joint stage
             continue
-        before = {r.id: r for r in fmt.inventory(models[i])}
-        rules = {d.id: d.rule for d in decisions_by_stage[i]} if decisions_by_stage else {}
-        for rec in fmt.inventory(models[i + 1]):
-            old = before.get(rec.id)
-            if old is None or old.storage.describe() == rec.storage.describe():  # the detail shows a joint stage
-                continue
-            snr, max_abs, rel = _metrics(old.values(), rec.values(count=old.count))
-            rows.append({
-                "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.field_path,
-                "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits or _dtype_bits(stage),
-                "bytes_before": old.nbytes, "bytes_after": rec.nbytes,
-                "snr_db": snr, "max_abs_error": max_abs, "relative_l2_error": rel, "rule": rules.get(rec.id),
-            })
+        snr, max_abs, rel = _metrics(old.values(), rec.values(count=old.count))
+        rows.append({
+            "id": rec.id, "layer": rec.layer, "type": rec.layer_type, "field": rec.field_path,
+            "shape": list((rec if rec.count else old).shape or ()), "stage": stage.name, "mode": stage.mode, "nbits": stage.nbits or _dtype_bits(stage),
+            "bytes_before": old.nbytes, "bytes_after": rec.nbytes,
+            "snr_db": snr, "max_abs_error": max_abs, "relative_l2_error": rel, "rule": rules.get(rec.id),
+        })
     return rows
 
 
@@ -101,9 +110,11 @@ def set_gates(report: dict, gates: list[dict]) -> None:
     report["status"] = "failed" if any(not g["passed"] for g in gates) else "passed"
 
 
-def build_report(job, recipe, models: list, decisions_by_stage=None, evaluation=None, restoring=frozenset()) -> dict:
-    """The report without gates (see `set_gates`); `_rows` keeps the raw floats the gates read."""
-    rows = stage_rows(models, job.stages, decisions_by_stage)
+def build_report(job, recipe, models: list, decisions_by_stage=None, evaluation=None, restoring=frozenset(), rows=None) -> dict:
+    """The report without gates (see `set_gates`); `_rows` keeps the raw floats the gates read. `rows`:
+    the stages' rows when known already (then `models` may be just the input and the output)."""
+    if rows is None:
+        rows = stage_rows(models, job.stages, decisions_by_stage)
     fmt = format_of(models[0])
     before, after = fmt.size(models[0]), fmt.size(models[-1])
     v_before, v_after = fmt.version(models[0]), fmt.version(models[-1])

@@ -161,8 +161,9 @@ def test_verify_and_diff(project, capsys):
 def test_cache_commands_and_corrupted_entry_is_rebuilt(project, capsys):
     build(capsys)
     assert main(["cache", "verify"]) == 0
-    objects = sorted((project / "cache" / "objects").glob("*/*"))
-    objects[0].write_bytes(b"corrupted")
+    key = next(iter(_locked_keys(project).values()))[-1]  # an output's final entry: what a warm build reads
+    obj = _manifest(project, key)["object"]
+    (project / "cache" / "objects" / obj[:2] / obj).write_bytes(b"corrupted")
     assert main(["cache", "verify"]) == 1
     assert "bytes do not match their digest" in capsys.readouterr().err
     shutil.rmtree(project / ".mlqpipe-state")  # forget doit's state: every task runs, the cache answers
@@ -219,3 +220,75 @@ def test_cache_prune_keeps_what_the_lock_file_references(project, capsys):
     assert main(["cache", "verify"]) == 0
     shutil.rmtree(project / ".mlqpipe-state")
     assert "0 built, 3 from cache" in summary(capsys)
+
+
+# --- what a warm build reads: the final entry of each output, not the stages before it ---------------------
+
+
+def _outputs(root) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "recipes" / "out").rglob("*")) if p.is_file()}
+
+
+def _manifest(root, key) -> dict:
+    return json.loads((root / "cache" / "keys" / key[:2] / f"{key}.json").read_text())
+
+
+def _locked_keys(root) -> dict:
+    return {out: e["stage_keys"] for out, e in json.loads((root / "mlqpipe.lock.json").read_text())["outputs"].items()}
+
+
+def _fresh_checkout(root) -> None:
+    shutil.rmtree(root / ".mlqpipe-state")  # forget doit's state: every task runs, the cache answers
+    shutil.rmtree(root / "recipes" / "out")
+
+
+def test_a_warm_build_reads_only_each_outputs_final_entry(project, capsys, monkeypatch):
+    """The output task writes the report from the rows each stage kept in its cache entry, so a fresh
+    checkout reads the final model of each output and nothing of the stages before it; the reports are
+    the cold build's, byte for byte."""
+    from mlqpipe.build.cache import Cache
+
+    build(capsys)
+    cold = _outputs(project)
+    keys = _locked_keys(project)
+    assert all(len(k) == 2 for k in keys.values())
+    final = {_manifest(project, k[-1])["object"] for k in keys.values()}
+    intermediate = {_manifest(project, k[0])["object"] for k in keys.values()}
+    assert final.isdisjoint(intermediate)
+    _fresh_checkout(project)
+    read = []
+    real = Cache._object
+    monkeypatch.setattr(Cache, "_object", lambda self, digest: read.append(digest) or real(self, digest))
+    assert summary(capsys).startswith("mlqpipe build: 0 built, 3 from cache")
+    assert set(read) == final
+    assert _outputs(project) == cold
+
+
+def test_a_corrupt_final_entry_is_rebuilt_from_the_stage_before(project, capsys):
+    build(capsys)
+    cold = _outputs(project)
+    first, last = next(k for out, k in _locked_keys(project).items() if "digits_cnn" in out)
+    obj = _manifest(project, last)["object"]
+    (project / "cache" / "objects" / obj[:2] / obj).write_bytes(b"corrupted")
+    _fresh_checkout(project)
+    (project / ".mlqpipe-state").mkdir()
+    line = summary(capsys)
+    assert line.startswith("mlqpipe build: 1 built, 2 from cache")
+    events = [json.loads(l) for l in (project / ".mlqpipe-state" / "run.jsonl").read_text().splitlines()]
+    assert [e["computed"] for e in events if e["event"] == "stage"] == [False] * 6  # the first stage's entry served it
+    assert main(["cache", "verify"]) == 0  # the corrupted object was rewritten
+    assert _outputs(project) == cold
+
+
+def test_entries_without_report_rows_give_the_same_reports(project, capsys):
+    """A cache written before stages kept their report rows (or by another tool) still serves a build: the
+    output task then reads every stage's model and computes the rows, with the same report bytes."""
+    build(capsys)
+    cold = _outputs(project)
+    for path in (project / "cache" / "keys").glob("*/*.json"):
+        manifest = json.loads(path.read_text())
+        assert len(manifest.pop(build_tasks.ROWS)) in (1, 2)
+        path.write_text(json.dumps(manifest))
+    _fresh_checkout(project)
+    assert summary(capsys).startswith("mlqpipe build: 0 built, 3 from cache")
+    assert _outputs(project) == cold

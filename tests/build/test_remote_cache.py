@@ -364,3 +364,39 @@ def test_an_unreachable_remote_warns_once_across_worker_processes(tmp_path, monk
     assert _summary(proc.stdout).startswith("mlqpipe build: 15 built")
     assert _outputs(root) == _outputs(reference)
     _no_secrets(root, proc.stdout, proc.stderr)
+
+
+def test_a_warm_remote_checkout_reads_only_each_outputs_final_entry(s3, tmp_path, monkeypatch, capfd):
+    """What crosses the network for a checkout of a committed lock file: the final entry (manifest and
+    objects) of each output, which holds the output and its report rows; no intermediate stage's model."""
+    url = f"s3://{BUCKET}/final-only"
+    a = _checkout(tmp_path, "a")
+    _build(a, monkeypatch, capfd, url)
+    import boto3
+
+    client = boto3.client("s3")
+
+    def manifest(key):
+        return json.loads(client.get_object(Bucket=BUCKET, Key=f"final-only/keys/{key[:2]}/{key}.json")["Body"].read())
+
+    def objects(m):
+        return {f"objects/{d[:2]}/{d}" for d in ([m["object"]] if "object" in m else [e["object"] for e in m["files"].values()])}
+
+    lock = json.loads((a / "mlqpipe.lock.json").read_text())["outputs"]
+    finals = {e["stage_keys"][-1] for e in lock.values()}
+    earlier = {k for e in lock.values() for k in e["stage_keys"][:-1]} - finals
+    assert earlier  # the examples have outputs of several stages
+    wanted = {f"keys/{k[:2]}/{k}.json" for k in finals} | {rel for k in finals for rel in objects(manifest(k))}
+    read = []
+    real_read, real_many = FsspecStore.read, FsspecStore.read_many
+    monkeypatch.setattr(FsspecStore, "read", lambda self, rel: read.append(rel) or real_read(self, rel))
+    monkeypatch.setattr(FsspecStore, "read_many", lambda self, rels: read.extend(rels) or real_many(self, rels))
+    from mlqpipe.build import prefetch
+
+    monkeypatch.setitem(prefetch.STATS, "read", [])
+    b = _checkout(tmp_path, "b", a / "mlqpipe.lock.json")
+    out, err = _build(b, monkeypatch, capfd, url)
+    assert _summary(out).startswith("mlqpipe build: 0 built, 15 from cache") and err == ""
+    read += prefetch.STATS["read"]  # what the prefetch process read, as it reported
+    assert prefetch.STATS["read"] and set(read) == wanted and len(read) == len(wanted)  # each once: prefetched, then local
+    assert _outputs(b) == _outputs(a)
