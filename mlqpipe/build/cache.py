@@ -45,6 +45,16 @@ def _object_rel(digest: str) -> str:
     return f"objects/{digest[:2]}/{digest}"
 
 
+def bundle_key(keys) -> str:
+    """The cache key of the bundle of these entries' manifests (any order, duplicates ignored)."""
+    return sha256(("mlqpipe-bundle\n" + "\n".join(sorted(set(keys)))).encode())
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """A manifest as `put` writes it (a bundled manifest is written back byte for byte)."""
+    return json.dumps(manifest, sort_keys=True, indent=1).encode()
+
+
 def _manifest(data: bytes):
     """A manifest's JSON, or None when it does not parse as one (a truncated or foreign file)."""
     try:
@@ -131,16 +141,18 @@ class Cache:
         data = self._fetch(_key_rel(key), lambda d: _manifest(d) is not None)
         return None if data is None else _manifest(data)
 
-    def prefetch(self, keys) -> int:
+    def prefetch(self, keys, bundle: dict | None = None) -> int:
         """Copy the remote entries of `keys` that the local layer lacks into it, concurrently: one batch of
-        manifests, one of their objects (each verified; anything bad is left for the normal read to report).
-        Returns the number of entries copied."""
+        manifests (those not in `bundle`, see read_bundle), one of their objects (each verified; anything
+        bad is left for the normal read to report). Returns the number of entries copied."""
         if self.remote is None or self.read_only:
             return 0
-        wanted = [_key_rel(k) for k in dict.fromkeys(keys) if not self.store.exists(_key_rel(k))]
-        found = self.remote.attempt(self.remote.store.read_many, wanted, default={})
-        manifests = {rel: (data, _manifest(data)) for rel, data in found.items() if _manifest(data) is not None}
+        bundle = bundle or {}
+        wanted = [k for k in dict.fromkeys(keys) if not self.store.exists(_key_rel(k))]
+        found = self.remote.attempt(self.remote.store.read_many, [_key_rel(k) for k in wanted if k not in bundle], default={})
         self.remote_bytes_read += sum(len(d) for d in found.values())
+        found.update({_key_rel(k): _manifest_bytes(bundle[k]) for k in wanted if k in bundle})
+        manifests = {rel: (data, _manifest(data)) for rel, data in found.items() if _manifest(data) is not None}
         needed = sorted({d for _, m in manifests.values() for d in _objects_of(m)})
         rels = [_object_rel(d) for d in needed if not self._local_object_ok(_object_rel(d))]
         objects = self.remote.attempt(self.remote.store.read_many, rels, default={})
@@ -156,11 +168,48 @@ class Cache:
                 copied += 1
         return copied
 
-    def prefetch_in_background(self, keys, batch: int = 32) -> None:
+    def put_bundle(self, keys) -> None:
+        """Store the manifests of `keys` (a lock file's final entries) together on the remote, under a key
+        made of them (bundle_key): a fresh checkout's prefetch then reads one object instead of a manifest
+        per output (each request costs CPU and money). Only when every entry is here; never required."""
+        if self.remote is None or self.remote.read_only or not keys:
+            return
+        rel = _key_rel(bundle_key(keys))
+        if self.remote.attempt(self.remote.store.exists, rel, default=True):
+            return  # the same keys' bundle: written by the build that wrote this lock
+        entries = {}
+        for key in sorted(set(keys)):
+            manifest = self.entry(key)
+            if manifest is None:
+                return
+            entries[key] = manifest
+        data = json.dumps({"format": CACHE_FORMAT, "kind": "bundle", "key": bundle_key(keys), "entries": entries}, sort_keys=True).encode()
+        self.remote.attempt(self.remote.store.write, rel, data)
+
+    def read_bundle(self, keys) -> dict:
+        """{key: manifest} from the remote's bundle of exactly `keys` (see put_bundle); {} when there is
+        none. Each manifest must name its own key; the objects are verified when they are read."""
+        if self.remote is None or not keys:
+            return {}
+        try:
+            data = self.remote.attempt(self.remote.store.read, _key_rel(bundle_key(keys)))
+        except FileNotFoundError:
+            return {}
+        if data is None:
+            return {}
+        self.remote_bytes_read += len(data)
+        bundle = _manifest(data)
+        entries = bundle.get("entries") if bundle and bundle.get("kind") == "bundle" else None
+        if not isinstance(entries, dict):
+            return {}
+        return {k: m for k, m in entries.items() if k in set(keys) and isinstance(m, dict) and m.get("key") == k}
+
+    def prefetch_in_background(self, keys, batch: int = 32, bundle_of=()) -> None:
         """Prefetch `keys` in this order, `batch` at a time, in a process beside the build (prefetch.py): a
         fresh checkout of a committed lock file then waits for the remote's round trips (and the protocol
         library's import) alongside its own work instead of before each stage. A read of a key not yet
-        fetched waits for its batch rather than fetching it twice."""
+        fetched waits for its batch rather than fetching it twice. `bundle_of`: the keys whose bundle
+        (put_bundle) may hold the manifests."""
         import threading
 
         from mlqpipe.build import prefetch
@@ -169,7 +218,7 @@ class Cache:
         pending = {_key_rel(k): threading.Event() for k in keys}
         _PENDING[str(self.store.root.resolve())] = pending  # every cache of this process on this directory waits
         prefetch.start(self.remote.store.url, self.store.root.resolve(), self.remote.marker.parent, self.remote.run, keys, pending,
-                       _key_rel, batch)
+                       _key_rel, batch, list(bundle_of))
 
     def _wait_for_prefetch(self, rel: str) -> None:
         if self.remote is None or not _PENDING:
@@ -208,7 +257,7 @@ class Cache:
             return digest
         self._store(_object_rel(digest), data, content_addressed=True)
         manifest = {"format": CACHE_FORMAT, "key": key, "object": digest, "size": len(data), **(meta or {})}
-        self._store(_key_rel(key), json.dumps(manifest, sort_keys=True, indent=1).encode(), content_addressed=False)
+        self._store(_key_rel(key), _manifest_bytes(manifest), content_addressed=False)
         return digest
 
     def entry(self, key: str) -> dict | None:
@@ -257,7 +306,7 @@ class Cache:
             self._store(_object_rel(entries[rel]["object"]), data, content_addressed=True)
         manifest = {"format": CACHE_FORMAT, "key": key, "kind": "tree", "tree": digest, "files": entries,
                     "size": sum(e["size"] for e in entries.values()), **(meta or {})}
-        self._store(_key_rel(key), json.dumps(manifest, sort_keys=True, indent=1).encode(), content_addressed=False)
+        self._store(_key_rel(key), _manifest_bytes(manifest), content_addressed=False)
         return digest
 
     def get_artifact(self, key: str) -> bytes | dict | None:
@@ -302,6 +351,10 @@ class Cache:
                 continue
             if _is_tree(m):
                 bad += self._verify_tree(store, p, m)
+                continue
+            if m.get("kind") == "bundle":  # copies of manifests; their own entries are verified
+                if not isinstance(m.get("entries"), dict):
+                    bad.append(f"{p}: unreadable bundle")
                 continue
             bad += self._verify_object(store, p, m.get("object", ""))
         return bad
@@ -395,9 +448,11 @@ def evaluation_dir(options) -> str | None:
     return local_dir(options)
 
 
-def open_cache(options) -> Cache:
+def open_cache(options, prefetch: bool = True) -> Cache:
     """The cache `options` names: a directory (`--cache DIR`), or a URL (`--cache s3://bucket/prefix`, any
-    fsspec protocol) behind its local layer; `read_only_cache` then leaves only the remote unwritten."""
+    fsspec protocol) behind its local layer; `read_only_cache` then leaves only the remote unwritten.
+    `prefetch`: a build's first opening starts copying what the lock file says it reads (maintenance
+    commands and searches do not)."""
     where = options.cache_dir
     if not is_url(where):
         return Cache(Path(where), options.read_only_cache)
@@ -405,22 +460,27 @@ def open_cache(options) -> Cache:
 
     remote = Remote(FsspecStore(where), getattr(options, "state_dir", ".mlqpipe-state"), read_only=options.read_only_cache)
     cache = Cache(store=LocalStore(Path(local_dir(options))), remote=remote)
-    keys = _locked_keys(options)
+    locked = locked_keys(options) if prefetch else []
+    keys = [k for k in locked if not cache.store.exists(_key_rel(k))]
     if keys and remote.claim("prefetch"):  # once per run: what the lock file says this checkout's build reads
-        cache.prefetch_in_background(keys)
+        cache.prefetch_in_background(keys, bundle_of=locked)
     return cache
 
 
-def _locked_keys(options) -> list[str]:
+def locked_keys(options) -> list[str]:
     """The final stage key of each output the lock file records (of this shard, when sharded), in order."""
-    try:
-        outputs = json.loads(Path(options.lock_file).read_text(encoding="utf-8")).get("outputs", {})
-    except (TypeError, OSError, ValueError, AttributeError):
-        return []
     shard = getattr(options, "shard", None)
-    if shard is not None:
-        from mlqpipe.build.lock import in_shard
+    outputs = {}
+    # a shard's fresh checkout holds the merged lock file, not the shard's partial one
+    from mlqpipe.build.lock import LOCK_FILE, in_shard
 
+    for path in [options.lock_file] + ([LOCK_FILE] if shard is not None else []):
+        try:
+            outputs = json.loads(Path(path).read_text(encoding="utf-8")).get("outputs", {})
+            break
+        except (TypeError, OSError, ValueError, AttributeError):
+            continue
+    if shard is not None:
         outputs = {o: e for o, e in outputs.items() if in_shard(o, shard)}
     # the final entry of each output holds the output and every stage's report rows: all a warm build reads
     return [k for e in outputs.values() if isinstance(e, dict) for k in (e.get("stage_keys") or [])[-1:] if isinstance(k, str)]

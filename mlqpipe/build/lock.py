@@ -157,6 +157,9 @@ def in_shard(output, shard) -> bool:
     return shard is None or shard_of(output, shard[1]) == shard[0]
 
 
+LOCK_FILE = "mlqpipe.lock.json"  # the lock file a build writes and a checkout commits
+
+
 def shard_lock_file(shard: tuple[int, int]) -> str:
     """The partial lock file of a shard (`mlqpipe lock merge` combines them into mlqpipe.lock.json)."""
     return f"mlqpipe.lock.shard-{shard[0]}-of-{shard[1]}.json"

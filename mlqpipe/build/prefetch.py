@@ -7,7 +7,7 @@ In a process it runs on another core. It copies entries into the local layer (at
 their manifests, as every cache write) and says on stdout which keys are done, so that the build's reads of
 those keys wait for it rather than fetching them a second time; anything it fails to copy is read as usual.
 
-    python -m mlqpipe.build.prefetch < {"url", "local", "state_dir", "run", "keys", "batch"} (JSON)
+    python -m mlqpipe.build.prefetch < {"url", "local", "state_dir", "run", "keys", "batch", "bundle_of"} (JSON)
     -> one JSON line per batch: {"done": [keys], "read": [rels read from the remote], "bytes": n}
 """
 
@@ -23,10 +23,13 @@ from pathlib import Path
 STATS: dict = {"bytes": 0, "read": []}  # what prefetch processes of this process read (the benchmark counts it)
 
 
-def start(url: str, local: Path, state_dir, run: str, keys: list[str], pending: dict, rel_of, batch: int = 32) -> None:
+def start(url: str, local: Path, state_dir, run: str, keys: list[str], pending: dict, rel_of, batch: int = 32,
+          bundle_of: list[str] = ()) -> None:
     """Start the prefetch process for `keys`; `pending`: {rel_of(key): Event}, each set when its batch is
-    done (or the process ended without it: the build then reads the key itself)."""
-    request = {"url": url, "local": str(local), "state_dir": str(state_dir), "run": run, "keys": keys, "batch": batch}
+    done (or the process ended without it: the build then reads the key itself). `bundle_of`: the keys
+    whose bundle of manifests (Cache.put_bundle) is read first."""
+    request = {"url": url, "local": str(local), "state_dir": str(state_dir), "run": run, "keys": keys, "batch": batch,
+               "bundle_of": list(bundle_of)}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mlqpipe.build.prefetch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=None, text=True)
@@ -92,15 +95,29 @@ def main() -> int:
         return found
 
     remote.store.read_many = counted
-    for chunk in batches(request["keys"], request["batch"]):
-        before = cache.remote_bytes_read
+    before = 0
+    bundle = {}
+    if request["bundle_of"]:  # the lock's final manifests in one object, when the build that wrote the lock left it
         try:
-            cache.prefetch(chunk)
+            bundle = cache.read_bundle(request["bundle_of"])
+        except Exception:  # noqa: BLE001 — without it, each manifest is read by itself
+            pass
+        if cache.remote_bytes_read:
+            read.append(_bundle_rel(request["bundle_of"]))
+    for chunk in batches(request["keys"], request["batch"]):
+        try:
+            cache.prefetch(chunk, bundle)
         except Exception:  # noqa: BLE001 — a failed prefetch only means the build's own reads do the work
             pass
         print(json.dumps({"done": chunk, "read": read, "bytes": cache.remote_bytes_read - before}), flush=True)
-        read = []
+        read, before = [], cache.remote_bytes_read
     return 0
+
+
+def _bundle_rel(keys) -> str:
+    from mlqpipe.build.cache import _key_rel, bundle_key
+
+    return _key_rel(bundle_key(keys))
 
 
 if __name__ == "__main__":

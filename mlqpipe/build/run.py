@@ -285,5 +285,9 @@ def _summary(options: BuildOptions, status: int, stale: dict[str, list[str]], pr
 
 
 def referenced_keys(options: BuildOptions) -> set[str]:
-    """Stage keys the lock file references (what `mlqpipe cache prune` keeps)."""
-    return {k for entry in _lock_outputs(options).values() for k in entry.get("stage_keys", [])}
+    """Stage keys the lock file references, and the bundle of its final entries' manifests (what
+    `mlqpipe cache prune` keeps)."""
+    from mlqpipe.build.cache import bundle_key, locked_keys
+
+    keys = {k for entry in _lock_outputs(options).values() for k in entry.get("stage_keys", [])}
+    return keys | ({bundle_key(locked_keys(options))} if keys else set())

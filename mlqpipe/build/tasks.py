@@ -24,7 +24,7 @@ from mlqpipe.fileio import posix_path as _posix
 from mlqpipe.fileio import shown_path as _rel
 from mlqpipe.recipe.problems import Problem
 from mlqpipe.build.cache import CACHE_FORMAT
-from mlqpipe.build.lock import LOCK_FORMAT, in_shard
+from mlqpipe.build.lock import LOCK_FILE, LOCK_FORMAT, in_shard
 
 KERNEL_VERSION = 1  # bump whenever any kernel's output bytes change: invalidates every cached stage
 DEFAULT_CACHE = ".mlqpipe-cache"
@@ -42,7 +42,7 @@ class BuildOptions:
     allow_custom: bool | tuple = True  # False: --no-custom-code; a tuple: the modules --custom-code-allow names
     read_only_cache: bool = False
     allow_outside_root: bool = False
-    lock_file: str | None = "mlqpipe.lock.json"
+    lock_file: str | None = LOCK_FILE
     state_dir: str = STATE_DIR
     shard: tuple[int, int] | None = None  # (I, N): build only the outputs of shard I of N (1-based)
 
@@ -565,3 +565,9 @@ def write_lock(outputs, recipes, options_dict) -> None:
         return out in entries or (entry.get("recipe") not in recipes and Path(entry.get("recipe", "")).is_file())
 
     update_lock(options.lock_file, options.state_dir, current_versions(KERNEL_VERSION), put=entries, keep=keep)
+    from mlqpipe.build.store import is_url
+
+    if is_url(options.cache_dir):  # the final entries' manifests in one remote object, for fresh checkouts
+        from mlqpipe.build.cache import locked_keys, open_cache
+
+        open_cache(options, prefetch=False).put_bundle(locked_keys(options))

@@ -227,7 +227,7 @@ def _cache(args) -> int:
     from mlqpipe.build.cache import open_cache
 
     options = _options(args)
-    cache = open_cache(options)
+    cache = open_cache(options, prefetch=False)
     if args.action == "stats":
         print(json.dumps(cache.stats(), indent=2))
         return EXIT_OK

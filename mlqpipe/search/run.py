@@ -123,7 +123,7 @@ class _Context:
         from mlqpipe.formats.registry import format_of, load_model
 
         self.job, self.recipe, self.allow_custom = job, recipe, options.allow_custom
-        self.cache = open_cache(options)  # trials are entries of the build's cache (local or remote)
+        self.cache = open_cache(options, prefetch=False)  # trials are entries of the build's cache (local or remote)
         self.cache_dir = evaluation_dir(options)  # where the float model's outputs are kept (always local)
         self.float_model = load_model(job.input)
         self.base, _ = run_job(job, recipe, allow_custom=self.allow_custom, model=self.float_model)

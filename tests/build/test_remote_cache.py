@@ -367,8 +367,12 @@ def test_an_unreachable_remote_warns_once_across_worker_processes(tmp_path, monk
 
 
 def test_a_warm_remote_checkout_reads_only_each_outputs_final_entry(s3, tmp_path, monkeypatch, capfd):
-    """What crosses the network for a checkout of a committed lock file: the final entry (manifest and
-    objects) of each output, which holds the output and its report rows; no intermediate stage's model."""
+    """What crosses the network for a checkout of a committed lock file: the final entry of each output (the
+    output and its report rows), its manifest from the bundle the cold build's lock task left; no
+    intermediate stage's model. Without the bundle, each final manifest is read by itself."""
+    from mlqpipe.build import prefetch
+    from mlqpipe.build.cache import bundle_key
+
     url = f"s3://{BUCKET}/final-only"
     a = _checkout(tmp_path, "a")
     _build(a, monkeypatch, capfd, url)
@@ -383,20 +387,59 @@ def test_a_warm_remote_checkout_reads_only_each_outputs_final_entry(s3, tmp_path
         return {f"objects/{d[:2]}/{d}" for d in ([m["object"]] if "object" in m else [e["object"] for e in m["files"].values()])}
 
     lock = json.loads((a / "mlqpipe.lock.json").read_text())["outputs"]
-    finals = {e["stage_keys"][-1] for e in lock.values()}
-    earlier = {k for e in lock.values() for k in e["stage_keys"][:-1]} - finals
+    finals = [e["stage_keys"][-1] for e in lock.values()]
+    earlier = {k for e in lock.values() for k in e["stage_keys"][:-1]} - set(finals)
     assert earlier  # the examples have outputs of several stages
-    wanted = {f"keys/{k[:2]}/{k}.json" for k in finals} | {rel for k in finals for rel in objects(manifest(k))}
+    bundle = manifest(bundle_key(finals))
+    assert bundle["kind"] == "bundle" and bundle["entries"] == {k: manifest(k) for k in finals}
+    data = {rel for k in finals for rel in objects(manifest(k))}
     read = []
     real_read, real_many = FsspecStore.read, FsspecStore.read_many
     monkeypatch.setattr(FsspecStore, "read", lambda self, rel: read.append(rel) or real_read(self, rel))
     monkeypatch.setattr(FsspecStore, "read_many", lambda self, rels: read.extend(rels) or real_many(self, rels))
-    from mlqpipe.build import prefetch
 
+    def warm(name, wanted):
+        read.clear()
+        monkeypatch.setitem(prefetch.STATS, "read", [])
+        root = _checkout(tmp_path, name, a / "mlqpipe.lock.json")
+        out, err = _build(root, monkeypatch, capfd, url)
+        assert _summary(out).startswith("mlqpipe build: 0 built, 15 from cache") and err == ""
+        seen = read + prefetch.STATS["read"]  # the build's own reads, and what the prefetch process reported
+        assert prefetch.STATS["read"] and set(seen) == wanted and len(seen) == len(wanted)  # each once
+        assert _outputs(root) == _outputs(a)
+
+    bundle_rel = f"keys/{bundle_key(finals)[:2]}/{bundle_key(finals)}.json"
+    warm("b", data | {bundle_rel})
+    client.delete_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")
+    warm("c", data | {f"keys/{k[:2]}/{k}.json" for k in finals})
+    assert main(["cache", "verify"]) == 0
+    client.head_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")  # c's lock task wrote it again
+    assert main(["cache", "prune"]) == 0
+    client.head_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")  # the lock file references it: kept
+
+
+def test_a_shard_of_a_fresh_checkout_prefetches_its_own_outputs_from_the_merged_lock(s3, tmp_path, monkeypatch, capfd):
+    """CI shards fill the remote and write partial locks; the merged lock is committed. A fresh runner's
+    shard has only the merged lock: it prefetches its own outputs' final entries, through the bundle its
+    shard's cold build left."""
+    from mlqpipe.build import prefetch
+    from mlqpipe.build.cache import bundle_key
+    from mlqpipe.build.lock import in_shard
+
+    url = f"s3://{BUCKET}/sharded"
+    a = _checkout(tmp_path, "a")
+    for i in (1, 2):
+        _build(a, monkeypatch, capfd, url, "--shard", f"{i}/2")
+    assert main(["lock", "merge", "mlqpipe.lock.shard-1-of-2.json", "mlqpipe.lock.shard-2-of-2.json", "-o", "mlqpipe.lock.json"]) == 0
+    capfd.readouterr()
+    lock = json.loads((a / "mlqpipe.lock.json").read_text())["outputs"]
+    mine = [e["stage_keys"][-1] for out, e in lock.items() if in_shard(out, (1, 2))]
+    assert 0 < len(mine) < len(lock)
     monkeypatch.setitem(prefetch.STATS, "read", [])
     b = _checkout(tmp_path, "b", a / "mlqpipe.lock.json")
-    out, err = _build(b, monkeypatch, capfd, url)
-    assert _summary(out).startswith("mlqpipe build: 0 built, 15 from cache") and err == ""
-    read += prefetch.STATS["read"]  # what the prefetch process read, as it reported
-    assert prefetch.STATS["read"] and set(read) == wanted and len(read) == len(wanted)  # each once: prefetched, then local
-    assert _outputs(b) == _outputs(a)
+    out, err = _build(b, monkeypatch, capfd, url, "--shard", "1/2")
+    assert _summary(out).startswith(f"mlqpipe build: 0 built, {len(mine)} from cache") and err == ""
+    read = prefetch.STATS["read"]
+    assert f"keys/{bundle_key(mine)[:2]}/{bundle_key(mine)}.json" in read
+    assert not any(r.startswith("keys/") for r in read[1:])  # every manifest came in the bundle
+    assert len([r for r in read if r.startswith("objects/")]) >= len(mine)
