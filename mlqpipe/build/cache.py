@@ -31,6 +31,8 @@ LOCAL_CACHE = ".mlqpipe-cache"  # the local layer of a URL cache, unless $MLQPIP
 _PENDING: dict = {}  # local directory -> {manifest rel: Event set once its prefetch batch is done}
 os.register_at_fork(after_in_child=_PENDING.clear)  # a forked worker hears nothing of the prefetch: it reads itself
 PREFETCH_WAIT = 120  # seconds a read waits for its background prefetch batch before reading by itself
+PACK_OBJECT_MAX = 1 << 20  # objects up to this size go into a lock's pack (put_bundle) ...
+PACK_MAX = 64 << 20  # ... up to this many bytes in all
 
 
 def sha256(data: bytes) -> str:
@@ -170,8 +172,10 @@ class Cache:
 
     def put_bundle(self, keys) -> None:
         """Store the manifests of `keys` (a lock file's final entries) together on the remote, under a key
-        made of them (bundle_key): a fresh checkout's prefetch then reads one object instead of a manifest
-        per output (each request costs CPU and money). Only when every entry is here; never required."""
+        made of them (bundle_key), with their small objects packed into one object beside it: a fresh
+        checkout's prefetch then makes two requests where it made one per manifest and object (each costs
+        CPU and money; a small object's is mostly the request). Large objects stay where they are (their
+        transfer dominates, and a pack would store them twice). Only when every entry is here; optional."""
         if self.remote is None or self.remote.read_only or not keys:
             return
         rel = _key_rel(bundle_key(keys))
@@ -183,12 +187,30 @@ class Cache:
             if manifest is None:
                 return
             entries[key] = manifest
-        data = json.dumps({"format": CACHE_FORMAT, "kind": "bundle", "key": bundle_key(keys), "entries": entries}, sort_keys=True).encode()
-        self.remote.attempt(self.remote.store.write, rel, data)
+        bundle = {"format": CACHE_FORMAT, "kind": "bundle", "key": bundle_key(keys), "entries": entries}
+        pack, index = self._pack(sorted({d for m in entries.values() for d in _objects_of(m)}))
+        if index:  # on the remote only (the local layer has the objects), before the manifest naming it
+            digest = sha256(pack)
+            self.remote.attempt(self.remote.store.write, _object_rel(digest), pack)  # a new bundle: rewrite a bad pack too
+            bundle["pack"] = {"object": digest, "size": len(pack), "index": index}
+        self.remote.attempt(self.remote.store.write, rel, json.dumps(bundle, sort_keys=True).encode())
+
+    def _pack(self, digests) -> tuple[bytes, dict]:
+        """The small objects among `digests` end to end, and {digest: [offset, size]}."""
+        parts, index, at = [], {}, 0
+        for digest in digests:
+            data = self._object(digest)
+            if data is None or len(data) > PACK_OBJECT_MAX or at + len(data) > PACK_MAX:
+                continue
+            parts.append(data)
+            index[digest] = [at, len(data)]
+            at += len(data)
+        return b"".join(parts), index
 
     def read_bundle(self, keys) -> dict:
-        """{key: manifest} from the remote's bundle of exactly `keys` (see put_bundle); {} when there is
-        none. Each manifest must name its own key; the objects are verified when they are read."""
+        """{key: manifest} from the remote's bundle of exactly `keys` (see put_bundle), having copied the
+        packed objects the local layer lacks into it (each verified); {} when there is no bundle. Each
+        manifest must name its own key."""
         if self.remote is None or not keys:
             return {}
         try:
@@ -202,7 +224,39 @@ class Cache:
         entries = bundle.get("entries") if bundle and bundle.get("kind") == "bundle" else None
         if not isinstance(entries, dict):
             return {}
+        if not self._unpack(bundle.get("pack")) and not self.remote.read_only:  # the next lock-writing build rewrites both
+            self.remote.attempt(self.remote.store.delete, _key_rel(bundle_key(keys)))
         return {k: m for k, m in entries.items() if k in set(keys) and isinstance(m, dict) and m.get("key") == k}
+
+    def _unpack(self, pack) -> bool:
+        """Copy a bundle's packed objects into the local layer when it lacks any (one read of the pack);
+        False when the pack is missing or corrupt (reported)."""
+        if pack is None:
+            return True
+        try:
+            index = {d: (int(at), int(size)) for d, (at, size) in pack["index"].items()}
+            digest = pack["object"]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return False
+        missing = [d for d in index if not self._local_object_ok(_object_rel(d))]
+        if not missing or self.read_only:
+            return True
+        try:  # from the remote (not kept locally: the objects are), verified whole, then object by object
+            data = self.remote.attempt(self.remote.store.read, _object_rel(digest))
+        except FileNotFoundError:
+            return False
+        if data is None:
+            return True  # the remote is down (warned): nothing is wrong with the pack
+        self.remote_bytes_read += len(data)
+        if sha256(data) != digest:
+            self._corrupt(self.remote.store.describe(_object_rel(digest)), _object_rel(digest))
+            return False
+        for d in missing:
+            at, size = index[d]
+            part = data[at : at + size]
+            if sha256(part) == d:
+                self.store.write(_object_rel(d), part)
+        return True
 
     def prefetch_in_background(self, keys, batch: int = 32, bundle_of=()) -> None:
         """Prefetch `keys` in this order, `batch` at a time, in a process beside the build (prefetch.py): a
@@ -352,9 +406,11 @@ class Cache:
             if _is_tree(m):
                 bad += self._verify_tree(store, p, m)
                 continue
-            if m.get("kind") == "bundle":  # copies of manifests; their own entries are verified
+            if m.get("kind") == "bundle":  # copies of manifests (their own entries are verified) and a pack
                 if not isinstance(m.get("entries"), dict):
                     bad.append(f"{p}: unreadable bundle")
+                for digest in _objects_of(m):
+                    bad += self._verify_object(store, p, digest, "pack")
                 continue
             bad += self._verify_object(store, p, m.get("object", ""))
         return bad
@@ -423,7 +479,10 @@ def _tree_of(manifest: dict) -> str:
 
 
 def _objects_of(manifest: dict) -> set[str]:
-    """The objects an entry needs: its one object, or each file's of a directory entry."""
+    """The objects an entry needs: its one object, or each file's of a directory entry, or a bundle's pack."""
+    if manifest.get("kind") == "bundle":
+        pack = manifest.get("pack")
+        return {pack["object"]} if isinstance(pack, dict) and isinstance(pack.get("object"), str) else set()
     if _is_tree(manifest):
         return {e["object"] for e in manifest.get("files", {}).values() if isinstance(e, dict)}
     return {manifest["object"]} if isinstance(manifest.get("object"), str) else set()

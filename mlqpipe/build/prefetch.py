@@ -86,24 +86,27 @@ def main() -> int:
     request = json.loads(sys.stdin.read())
     remote = Remote(FsspecStore(request["url"]), request["state_dir"], run=request["run"])
     cache = Cache(store=LocalStore(Path(request["local"])), remote=remote)
-    read: list[str] = []
-    real_read_many = remote.store.read_many
+    read: list[str] = []  # what this process asked the remote for, reported with each batch
+    real_read, real_read_many = remote.store.read, remote.store.read_many
 
-    def counted(rels):
+    def counted_read(rel):
+        data = real_read(rel)  # an absent one (FileNotFoundError) is not a read
+        read.append(rel)
+        return data
+
+    def counted_read_many(rels):
         found = real_read_many(rels)
         read.extend(found)
         return found
 
-    remote.store.read_many = counted
-    before = 0
-    bundle = {}
-    if request["bundle_of"]:  # the lock's final manifests in one object, when the build that wrote the lock left it
+    remote.store.read, remote.store.read_many = counted_read, counted_read_many
+    before, bundle = 0, {}
+    if request["bundle_of"]:  # the lock's final manifests and small objects, when the build that wrote it left them
         try:
             bundle = cache.read_bundle(request["bundle_of"])
-        except Exception:  # noqa: BLE001 — without it, each manifest is read by itself
+        except Exception:  # noqa: BLE001 — without it, each manifest and object is read by itself
             pass
-        if cache.remote_bytes_read:
-            read.append(_bundle_rel(request["bundle_of"]))
+    _log_problems(request["state_dir"], cache)
     for chunk in batches(request["keys"], request["batch"]):
         try:
             cache.prefetch(chunk, bundle)
@@ -111,13 +114,17 @@ def main() -> int:
             pass
         print(json.dumps({"done": chunk, "read": read, "bytes": cache.remote_bytes_read - before}), flush=True)
         read, before = [], cache.remote_bytes_read
+    _log_problems(request["state_dir"], cache)
     return 0
 
 
-def _bundle_rel(keys) -> str:
-    from mlqpipe.build.cache import _key_rel, bundle_key
-
-    return _key_rel(bundle_key(keys))
+def _log_problems(state_dir, cache) -> None:
+    """Corrupt remote objects this process met, into the build's event log (its summary lists them)."""
+    lines = "".join(json.dumps({"event": "cache-problem", "message": p}, sort_keys=True) + "\n" for p in cache.problems)
+    cache.problems.clear()
+    if lines:
+        with open(Path(state_dir) / "run.jsonl", "a", encoding="utf-8") as f:
+            f.write(lines)
 
 
 if __name__ == "__main__":

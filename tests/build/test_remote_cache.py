@@ -273,10 +273,16 @@ def test_two_checkouts_share_the_remote_and_corruption_is_healed(s3, tmp_path, m
     digest = manifest.get("object") or next(iter(manifest["files"].values()))["object"]
     obj = f"shared/objects/{digest[:2]}/{digest}"
     client.put_object(Bucket=BUCKET, Key=obj, Body=b"corrupted behind the cache's back")
+    from mlqpipe.build.cache import bundle_key
+
+    finals = [e["stage_keys"][-1] for e in lock["outputs"].values()]
+    pack = json.loads(client.get_object(Bucket=BUCKET, Key=f"shared/keys/{bundle_key(finals)[:2]}/{bundle_key(finals)}.json")["Body"].read())["pack"]["object"]
+    client.put_object(Bucket=BUCKET, Key=f"shared/objects/{pack[:2]}/{pack}", Body=b"the pack too")  # else it serves the object
     c = _checkout(tmp_path, "c", a / "mlqpipe.lock.json")
     out, err = _build(c, monkeypatch, capfd, url)
     assert _summary(out).startswith("mlqpipe build: 1 built, 14 from cache")
-    assert f"  cache: {url}/objects/{digest[:2]}/{digest}: cached bytes do not match their digest; rebuilding" in err.splitlines()
+    for d in (pack, digest):
+        assert f"  cache: {url}/objects/{d[:2]}/{d}: cached bytes do not match their digest; rebuilding" in err.splitlines()
     assert _outputs(c) == _outputs(a)
     body = client.get_object(Bucket=BUCKET, Key=obj)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == digest  # rewritten
@@ -393,6 +399,10 @@ def test_a_warm_remote_checkout_reads_only_each_outputs_final_entry(s3, tmp_path
     bundle = manifest(bundle_key(finals))
     assert bundle["kind"] == "bundle" and bundle["entries"] == {k: manifest(k) for k in finals}
     data = {rel for k in finals for rel in objects(manifest(k))}
+    pack = bundle["pack"]  # the examples' outputs are small: all of them packed, end to end
+    assert sorted(f"objects/{d[:2]}/{d}" for d in pack["index"]) == sorted(data)
+    assert pack["size"] == sum(size for _, size in pack["index"].values())
+    pack_rel = f"objects/{pack['object'][:2]}/{pack['object']}"
     read = []
     real_read, real_many = FsspecStore.read, FsspecStore.read_many
     monkeypatch.setattr(FsspecStore, "read", lambda self, rel: read.append(rel) or real_read(self, rel))
@@ -409,13 +419,14 @@ def test_a_warm_remote_checkout_reads_only_each_outputs_final_entry(s3, tmp_path
         assert _outputs(root) == _outputs(a)
 
     bundle_rel = f"keys/{bundle_key(finals)[:2]}/{bundle_key(finals)}.json"
-    warm("b", data | {bundle_rel})
+    warm("b", {bundle_rel, pack_rel})  # two requests in all
     client.delete_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")
     warm("c", data | {f"keys/{k[:2]}/{k}.json" for k in finals})
     assert main(["cache", "verify"]) == 0
     client.head_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")  # c's lock task wrote it again
     assert main(["cache", "prune"]) == 0
     client.head_object(Bucket=BUCKET, Key=f"final-only/{bundle_rel}")  # the lock file references it: kept
+    client.head_object(Bucket=BUCKET, Key=f"final-only/{pack_rel}")  # and so its pack
 
 
 def test_a_shard_of_a_fresh_checkout_prefetches_its_own_outputs_from_the_merged_lock(s3, tmp_path, monkeypatch, capfd):
@@ -440,6 +451,4 @@ def test_a_shard_of_a_fresh_checkout_prefetches_its_own_outputs_from_the_merged_
     out, err = _build(b, monkeypatch, capfd, url, "--shard", "1/2")
     assert _summary(out).startswith(f"mlqpipe build: 0 built, {len(mine)} from cache") and err == ""
     read = prefetch.STATS["read"]
-    assert f"keys/{bundle_key(mine)[:2]}/{bundle_key(mine)}.json" in read
-    assert not any(r.startswith("keys/") for r in read[1:])  # every manifest came in the bundle
-    assert len([r for r in read if r.startswith("objects/")]) >= len(mine)
+    assert read[0] == f"keys/{bundle_key(mine)[:2]}/{bundle_key(mine)}.json" and len(read) == 2  # the bundle, its pack
