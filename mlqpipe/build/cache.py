@@ -178,9 +178,11 @@ class Cache:
         transfer dominates, and a pack would store them twice). Only when every entry is here; optional."""
         if self.remote is None or self.remote.read_only or not keys:
             return
+        from mlqpipe.build.prefetch import STATS
+
         rel = _key_rel(bundle_key(keys))
-        if self.remote.attempt(self.remote.store.exists, rel, default=True):
-            return  # the same keys' bundle: written by the build that wrote this lock
+        if bundle_key(keys) in STATS["bundles"] or self.remote.attempt(self.remote.store.exists, rel, default=True):
+            return  # the same keys' bundle (this build's prefetch read it): written by the build that wrote this lock
         entries = {}
         for key in sorted(set(keys)):
             manifest = self.entry(key)

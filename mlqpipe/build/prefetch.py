@@ -20,7 +20,8 @@ import sys
 import threading
 from pathlib import Path
 
-STATS: dict = {"bytes": 0, "read": []}  # what prefetch processes of this process read (the benchmark counts it)
+STATS: dict = {"bytes": 0, "read": [], "bundles": set()}  # what prefetch processes of this process read (the
+# benchmark counts it), and the bundles they found whole (the lock task need not ask the remote for them again)
 
 
 def start(url: str, local: Path, state_dir, run: str, keys: list[str], pending: dict, rel_of, batch: int = 32,
@@ -49,6 +50,7 @@ def start(url: str, local: Path, state_dir, run: str, keys: list[str], pending: 
                     continue
                 STATS["bytes"] += report.get("bytes", 0)
                 STATS["read"] += report.get("read", [])
+                STATS["bundles"].update(report.get("bundles", []))
                 for key in report.get("done", []):
                     event = pending.get(rel_of(key))
                     if event is not None:
@@ -80,7 +82,7 @@ def batches(keys: list[str], batch: int) -> list[list[str]]:
 
 
 def main() -> int:
-    from mlqpipe.build.cache import Cache
+    from mlqpipe.build.cache import Cache, bundle_key
     from mlqpipe.build.store import FsspecStore, LocalStore, Remote
 
     request = json.loads(sys.stdin.read())
@@ -112,7 +114,8 @@ def main() -> int:
             cache.prefetch(chunk, bundle)
         except Exception:  # noqa: BLE001 — a failed prefetch only means the build's own reads do the work
             pass
-        print(json.dumps({"done": chunk, "read": read, "bytes": cache.remote_bytes_read - before}), flush=True)
+        print(json.dumps({"done": chunk, "read": read, "bytes": cache.remote_bytes_read - before,
+                          "bundles": [bundle_key(request["bundle_of"])] if bundle else []}), flush=True)
         read, before = [], cache.remote_bytes_read
     _log_problems(request["state_dir"], cache)
     return 0

@@ -91,7 +91,10 @@ def build(patterns, *, jobs: int = 1, dry_run: bool = False, force: bool = False
     if is_url(options.cache_dir):  # a remote that failed in an earlier build of this process gets another chance
         from mlqpipe.build.store import forget_remote_failures
 
+        from mlqpipe.build.prefetch import STATS
+
         forget_remote_failures(options.state_dir)
+        STATS["bundles"].clear()  # what an earlier build of this process found is no evidence now
         if not dry_run:  # the prefetch of what the lock file records starts now, while the recipes load
             from mlqpipe.build.cache import open_cache
 
