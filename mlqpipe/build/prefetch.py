@@ -7,8 +7,10 @@ In a process it runs on another core. It copies entries into the local layer (at
 their manifests, as every cache write) and says on stdout which keys are done, so that the build's reads of
 those keys wait for it rather than fetching them a second time; anything it fails to copy is read as usual.
 
-    python -m mlqpipe.build.prefetch < {"url", "local", "state_dir", "run", "keys", "batch", "bundle_of"} (JSON)
-    -> one JSON line per batch: {"done": [keys], "read": [rels read from the remote], "bytes": n}
+This module is the build's side (start the process, follow its reports); prefetch_process.py is the process:
+
+    python -m mlqpipe.build.prefetch_process < {"url", "local", "state_dir", "run", "keys", "batch", "bundle_of"}
+    -> one JSON line per batch: {"done": [keys], "read": [rels read from the remote], "bytes": n, "bundles": [...]}
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def start(url: str, local: Path, state_dir, run: str, keys: list[str], pending: 
     request = {"url": url, "local": str(local), "state_dir": str(state_dir), "run": run, "keys": keys, "batch": batch,
                "bundle_of": list(bundle_of)}
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mlqpipe.build.prefetch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "mlqpipe.build.prefetch_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=None, text=True)
     except OSError:  # no process to spare: the build reads every key itself
         _release(pending)
@@ -79,56 +81,3 @@ def batches(keys: list[str], batch: int) -> list[list[str]]:
     """A small first batch (the build's first outputs need not wait for a whole one), then `batch` each."""
     starts = [0, *range(min(8, batch), len(keys), batch)]
     return [keys[i:j] for i, j in zip(starts, [*starts[1:], len(keys)]) if i < j]
-
-
-def main() -> int:
-    from mlqpipe.build.cache import Cache, bundle_key
-    from mlqpipe.build.store import FsspecStore, LocalStore, Remote
-
-    request = json.loads(sys.stdin.read())
-    remote = Remote(FsspecStore(request["url"]), request["state_dir"], run=request["run"])
-    cache = Cache(store=LocalStore(Path(request["local"])), remote=remote)
-    read: list[str] = []  # what this process asked the remote for, reported with each batch
-    real_read, real_read_many = remote.store.read, remote.store.read_many
-
-    def counted_read(rel):
-        data = real_read(rel)  # an absent one (FileNotFoundError) is not a read
-        read.append(rel)
-        return data
-
-    def counted_read_many(rels):
-        found = real_read_many(rels)
-        read.extend(found)
-        return found
-
-    remote.store.read, remote.store.read_many = counted_read, counted_read_many
-    before, bundle = 0, {}
-    if request["bundle_of"]:  # the lock's final manifests and small objects, when the build that wrote it left them
-        try:
-            bundle = cache.read_bundle(request["bundle_of"])
-        except Exception:  # noqa: BLE001 — without it, each manifest and object is read by itself
-            pass
-    _log_problems(request["state_dir"], cache)
-    for chunk in batches(request["keys"], request["batch"]):
-        try:
-            cache.prefetch(chunk, bundle)
-        except Exception:  # noqa: BLE001 — a failed prefetch only means the build's own reads do the work
-            pass
-        print(json.dumps({"done": chunk, "read": read, "bytes": cache.remote_bytes_read - before,
-                          "bundles": [bundle_key(request["bundle_of"])] if bundle else []}), flush=True)
-        read, before = [], cache.remote_bytes_read
-    _log_problems(request["state_dir"], cache)
-    return 0
-
-
-def _log_problems(state_dir, cache) -> None:
-    """Corrupt remote objects this process met, into the build's event log (its summary lists them)."""
-    lines = "".join(json.dumps({"event": "cache-problem", "message": p}, sort_keys=True) + "\n" for p in cache.problems)
-    cache.problems.clear()
-    if lines:
-        with open(Path(state_dir) / "run.jsonl", "a", encoding="utf-8") as f:
-            f.write(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
