@@ -349,8 +349,9 @@ def test_two_checkouts_building_at_once_share_one_remote(s3, tmp_path, monkeypat
 
 
 def test_an_unreachable_remote_warns_once_across_worker_processes(tmp_path, monkeypatch, capfd):
-    """Nothing listens at the endpoint: a -j 2 build finishes on its local layer with one warning line in
-    all (the first worker to fail marks the remote down for the others), the outputs as a plain cache's."""
+    """Nothing listens at the endpoint: a -j 2 build of a checkout with a lock file finishes on its local
+    layer with one warning line in all (the prefetch process or the first worker to fail marks the remote
+    down for the others), the outputs as a plain cache's."""
     pytest.importorskip("s3fs")
     reference = _checkout(tmp_path, "reference")
     _build(reference, monkeypatch, capfd, str(tmp_path / "plain-cache"))
@@ -359,7 +360,7 @@ def test_an_unreachable_remote_warns_once_across_worker_processes(tmp_path, monk
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: connections are refused
-    root = _checkout(tmp_path, "offline")
+    root = _checkout(tmp_path, "offline", reference / "mlqpipe.lock.json")  # with a lock: the prefetch process meets it first
     env = {**os.environ, "MLQPIPE_CACHE": f"s3://{KEY_ID}:{SECRET}@{BUCKET}/offline", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
            "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_DEFAULT_REGION": "us-east-1"}
