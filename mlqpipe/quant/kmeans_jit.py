@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mlqpipe.quant import kmeans
+
 
 def _jit(fn):
     # error_model="numpy": IEEE division as numpy's (no zero-division check per division, which would
@@ -28,6 +30,10 @@ def _jit(fn):
         return njit(cache=True, nogil=True, error_model="numpy")(fn)
     except RuntimeError:  # numba raises this when it finds no writable cache location
         return njit(nogil=True, error_model="numpy")(fn)
+
+
+# kmeans.py's own cost function, compiled and inlined where it is called: one source for the operation order
+_cost = njit(inline="always", nogil=True, error_model="numpy")(kmeans._cost)
 
 
 @_jit
@@ -72,17 +78,7 @@ def _cluster_group(raw, key_of_raw, value_of_key, kmax, cents, codes):  # pragma
 
     prev = np.empty(n)  # layer 0: the cost of 0..i (kmeans.py subtracts 0.0 literals: the same numbers)
     for i in range(n):
-        w = cw[i + 1] - cw[0]
-        s = cs[i + 1] - cs[0]
-        mu = s / w
-        r = cq[i + 1] - cq[0]
-        t = mu * mu
-        t *= w
-        r += t
-        mu *= 2
-        mu *= s
-        r -= mu
-        prev[i] = r
+        prev[i] = _cost(cw[i + 1], cs[i + 1], cq[i + 1], cw[0], cs[0], cq[0])
     cur = np.empty(n)
     val = np.empty(n)  # prev[j-1] + cost(j, i) of the candidates j of one row
     choice = np.zeros((max(k - 1, 1), n), dtype=np.uint16)
@@ -110,17 +106,7 @@ def _cluster_group(raw, key_of_raw, value_of_key, kmax, cents, codes):  # pragma
             cqj = cq[olo:]
             pj = prev[olo - 1 :]
             for q in range(width):  # the candidates' values first ...
-                w = cwi - cwj[q]
-                s = csi - csj[q]
-                mu = s / w
-                r = cqi - cqj[q]
-                t = mu * mu
-                t *= w
-                r += t
-                mu *= 2
-                mu *= s
-                r -= mu
-                val[q] = r + pj[q]
+                val[q] = _cost(cwi, csi, cqi, cwj[q], csj[q], cqj[q]) + pj[q]
             best = val[0]
             bestq = 0
             for q in range(1, width):  # ... then their leftmost minimum
