@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from mlqpipe.quant.cost import cluster_cost as _cost
+
 _KEYS = 1 << 16
 _DP_BUDGET = 1 << 25  # bytes of split choices (uint16, one per layer and distinct value) per batch of groups
 _UNIQUE_BUDGET = 1 << 24  # bytes of per-group histograms per batch
@@ -131,21 +133,6 @@ def _prefix(a: np.ndarray) -> np.ndarray:
     out = np.zeros((a.shape[0] + 1, a.shape[1]))
     np.cumsum(a[:, :-1], axis=1, out=out[:-1, 1:])
     return out.ravel()
-
-
-def _cost(cw_i, cs_i, cq_i, cw_j, cs_j, cq_j):
-    """kmeans1d's cost of the cluster j..i: the same float64 operations in the same order."""
-    w = cw_i - cw_j
-    s = cs_i - cs_j
-    mu = s / w
-    r = cq_i - cq_j
-    t = mu * mu
-    t *= w
-    r += t
-    mu *= 2
-    mu *= s
-    r -= mu
-    return r
 
 
 def _optimal_starts(prefix, sizes, ks, stride, columns) -> np.ndarray:

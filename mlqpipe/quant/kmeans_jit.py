@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from mlqpipe.quant import kmeans
+from mlqpipe.quant.cost import cluster_cost
 
 
 def _jit(fn):
@@ -32,8 +32,9 @@ def _jit(fn):
         return njit(nogil=True, error_model="numpy")(fn)
 
 
-# kmeans.py's own cost function, compiled and inlined where it is called: one source for the operation order
-_cost = njit(inline="always", nogil=True, error_model="numpy")(kmeans._cost)
+# the cost kmeans.py computes on arrays, compiled and inlined where it is called: one source for the operations
+# (numba's cache keys on this file only: an edit of cost.py needs a touch here, or the tests see stale code)
+_cost = njit(inline="always", nogil=True, error_model="numpy")(cluster_cost)
 
 
 @_jit
