@@ -190,19 +190,22 @@ class Cache:
                 return
             entries[key] = manifest
         bundle = {"format": CACHE_FORMAT, "kind": "bundle", "key": bundle_key(keys), "entries": entries}
-        pack, index = self._pack(sorted({d for m in entries.values() for d in _objects_of(m)}))
+        pack, index = self._pack(sorted({(d, n) for m in entries.values() for d, n in _object_sizes(m)}))
         if index:  # on the remote only (the local layer has the objects), before the manifest naming it
             digest = sha256(pack)
             self.remote.attempt(self.remote.store.write, _object_rel(digest), pack)  # a new bundle: rewrite a bad pack too
             bundle["pack"] = {"object": digest, "size": len(pack), "index": index}
         self.remote.attempt(self.remote.store.write, rel, json.dumps(bundle, sort_keys=True).encode())
 
-    def _pack(self, digests) -> tuple[bytes, dict]:
-        """The small objects among `digests` end to end, and {digest: [offset, size]}."""
+    def _pack(self, objects) -> tuple[bytes, dict]:
+        """The small ones of `objects` ((digest, size) as their manifests say) end to end, and {digest:
+        [offset, size]}; large ones are not even read."""
         parts, index, at = [], {}, 0
-        for digest in digests:
+        for digest, size in objects:
+            if size > PACK_OBJECT_MAX or at + size > PACK_MAX:
+                continue
             data = self._object(digest)
-            if data is None or len(data) > PACK_OBJECT_MAX or at + len(data) > PACK_MAX:
+            if data is None:
                 continue
             parts.append(data)
             index[digest] = [at, len(data)]
@@ -228,7 +231,8 @@ class Cache:
             return {}
         if not self._unpack(bundle.get("pack")) and not self.remote.read_only:  # the next lock-writing build rewrites both
             self.remote.attempt(self.remote.store.delete, _key_rel(bundle_key(keys)))
-        return {k: m for k, m in entries.items() if k in set(keys) and isinstance(m, dict) and m.get("key") == k}
+        wanted = set(keys)
+        return {k: m for k, m in entries.items() if k in wanted and isinstance(m, dict) and m.get("key") == k}
 
     def _unpack(self, pack) -> bool:
         """Copy a bundle's packed objects into the local layer when it lacks any (one read of the pack);
@@ -478,6 +482,16 @@ def _is_tree(manifest) -> bool:
 
 def _tree_of(manifest: dict) -> str:
     return tree_digest(TreeFile(rel, e["object"], e["size"]) for rel, e in manifest["files"].items())
+
+
+def _object_sizes(manifest: dict) -> list[tuple[str, int]]:
+    """(digest, size) of an entry's objects, as its manifest records them (a bundle's pack excluded)."""
+    try:
+        if _is_tree(manifest):
+            return [(e["object"], int(e["size"])) for e in manifest["files"].values()]
+        return [(manifest["object"], int(manifest["size"]))]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return []
 
 
 def _objects_of(manifest: dict) -> set[str]:

@@ -453,3 +453,36 @@ def test_a_shard_of_a_fresh_checkout_prefetches_its_own_outputs_from_the_merged_
     assert _summary(out).startswith(f"mlqpipe build: 0 built, {len(mine)} from cache") and err == ""
     read = prefetch.STATS["read"]
     assert read[0] == f"keys/{bundle_key(mine)[:2]}/{bundle_key(mine)}.json" and len(read) == 2  # the bundle, its pack
+
+
+def test_large_outputs_stay_out_of_the_pack(s3, tmp_path, monkeypatch, capfd):
+    """Only objects up to PACK_OBJECT_MAX go into a lock's pack; a fresh checkout reads the larger ones by
+    themselves (one request each), and everything else from the bundle and the pack."""
+    from mlqpipe.build import cache as cache_mod
+    from mlqpipe.build import prefetch
+    from mlqpipe.build.cache import bundle_key
+
+    url = f"s3://{BUCKET}/large"
+    a = _checkout(tmp_path, "a")
+    monkeypatch.setattr(cache_mod, "PACK_OBJECT_MAX", 20_000)  # the examples' outputs are 2 KB to 200 KB
+    _build(a, monkeypatch, capfd, url)
+    import boto3
+
+    client = boto3.client("s3")
+
+    def manifest(key):
+        return json.loads(client.get_object(Bucket=BUCKET, Key=f"large/keys/{key[:2]}/{key}.json")["Body"].read())
+
+    finals = [e["stage_keys"][-1] for e in json.loads((a / "mlqpipe.lock.json").read_text())["outputs"].values()]
+    sizes = {d: n for k in finals for d, n in cache_mod._object_sizes(manifest(k))}
+    bundle = manifest(bundle_key(finals))
+    large = {d for d, n in sizes.items() if n > 20_000}
+    assert large and set(bundle["pack"]["index"]) == set(sizes) - large
+    monkeypatch.setitem(prefetch.STATS, "read", [])
+    b = _checkout(tmp_path, "b", a / "mlqpipe.lock.json")
+    out, err = _build(b, monkeypatch, capfd, url)
+    assert _summary(out).startswith("mlqpipe build: 0 built, 15 from cache") and err == ""
+    pack = bundle["pack"]["object"]
+    assert sorted(prefetch.STATS["read"]) == sorted([f"keys/{bundle_key(finals)[:2]}/{bundle_key(finals)}.json", f"objects/{pack[:2]}/{pack}"]
+                                                    + [f"objects/{d[:2]}/{d}" for d in large])
+    assert _outputs(b) == _outputs(a)
