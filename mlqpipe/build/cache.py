@@ -535,10 +535,11 @@ def open_cache(options, prefetch: bool = True) -> Cache:
 
     remote = Remote(FsspecStore(where), getattr(options, "state_dir", ".mlqpipe-state"), read_only=options.read_only_cache)
     cache = Cache(store=LocalStore(Path(local_dir(options))), remote=remote)
-    locked = locked_keys(options) if prefetch else []
-    keys = [k for k in locked if not cache.store.exists(_key_rel(k))]
-    if keys and remote.claim("prefetch"):  # once per run: what the lock file says this checkout's build reads
-        cache.prefetch_in_background(keys, bundle_of=locked)
+    if prefetch and remote.claim("prefetch"):  # once per run (asked first: every action opens the cache)
+        locked = locked_keys(options)  # what the lock file says this checkout's build reads
+        keys = [k for k in locked if not cache.store.exists(_key_rel(k))]
+        if keys:
+            cache.prefetch_in_background(keys, bundle_of=locked)
     return cache
 
 
