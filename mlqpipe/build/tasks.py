@@ -208,7 +208,8 @@ def _tasks_from_recipes(patterns, options: BuildOptions):
     from doit.tools import config_changed
 
     Path(options.state_dir).mkdir(parents=True, exist_ok=True)  # doit's sqlite3 dep file lives here
-    _LOADED.clear()  # a new build reads its recipes afresh (file times are too coarse to tell a quick edit)
+    _LOADED.clear()  # a new build reads its recipes and inputs afresh (file times are too coarse to tell a quick edit)
+    _DIGESTS.clear()
     paths = []
     for pattern in patterns:
         found = sorted(_glob.glob(str(pattern), recursive=True)) if _glob.has_magic(str(pattern)) else [str(pattern)]
@@ -338,13 +339,34 @@ def _log(options: BuildOptions, event: dict) -> None:
 ROWS = "report_rows"  # in a stage's cache manifest: the report rows of every stage up to it, one list per stage
 
 
-def _chain_start(options, recipe, job):
-    """The cache, the input as the cache keeps it, and the stage keys chained from its digest."""
+_DIGESTS: dict = {}  # input path -> (its files' stat signature, its digest), per build
+
+
+def _input_digest(path, data=None) -> str:
+    """The digest of a model input, read and hashed once per build while its files are unchanged: a warm
+    build's stage tasks need only their keys, and the output task reads the input anyway."""
+    from mlqpipe.artifacts import ArtifactError, tree_files
+
+    try:
+        signature = _signature(tree_files(path))
+    except (OSError, ArtifactError):
+        signature = None
+    known = _DIGESTS.get(str(path))
+    if signature is not None and known is not None and known[0] == signature and data is None:
+        return known[1]
+    digest = artifact_digest(_read_artifact(path) if data is None else data)
+    _DIGESTS[str(path)] = (signature, digest)
+    return digest
+
+
+def _chain_start(options, recipe, job, read: bool = True):
+    """The cache, the input as the cache keeps it (None unless `read`), and the stage keys chained from
+    its digest."""
     from mlqpipe.build.cache import open_cache
 
     cache = open_cache(options)
-    data = _read_artifact(job.input)
-    return cache, data, chain_keys(artifact_digest(data), stage_configs(recipe, job, options))
+    data = _read_artifact(job.input) if read else None
+    return cache, data, chain_keys(_input_digest(job.input, data), stage_configs(recipe, job, options))
 
 
 def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False, start_with=None) -> tuple[list[bytes], list[str], bool]:
@@ -354,7 +376,7 @@ def _stage_chain(options, recipe, job, upto: int, keep_all: bool = False, start_
     output task can write the report from the final entry alone."""
     fmt = _input_format(job)
     cache, data, keys = start_with or _chain_start(options, recipe, job)
-    steps, start = [data], 0
+    steps, start = [data if data is not None else _read_artifact(job.input)], 0
     if keep_all:  # every step is wanted: take cached stages in order up to the first miss
         for i in range(upto + 1):
             hit = cache.get_artifact(keys[i])
@@ -499,7 +521,7 @@ def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | boo
 
     options, recipe, job = _context(recipe_path, input_path, options_dict)
     try:
-        chain = _chain_start(options, recipe, job)
+        chain = _chain_start(options, recipe, job, read=False)  # a cached stage needs its key, not the input
         cache, _, keys = chain
         # nothing to do when this stage's entry, or the final one, is cached: the output task reads the final
         # entry only, so a warm cache (a remote one especially) is never asked for intermediate models
