@@ -194,3 +194,25 @@ def pytest_terminal_summary(terminalreporter):
 def _not_in_ci(monkeypatch):
     """`mlqpipe build` keeps going after a failure when $CI is set: tests decide that themselves."""
     monkeypatch.delenv("CI", raising=False)
+
+
+# --- a whole-suite run collects every test file --------------------------------------------------------
+
+_COLLECTED_FILES: set = set()
+
+
+def pytest_collectreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    if path.endswith(".py") and report.outcome in ("passed", "skipped"):  # a module skipped whole counts too
+        _COLLECTED_FILES.add(path)
+
+
+def pytest_collection_finish(session):
+    """pytest's default norecursedirs once hid tests/build from every whole-suite run; a file left out again,
+    for whatever reason, stops the run instead of passing unnoticed."""
+    if any(not a.startswith("-") for a in session.config.invocation_params.args):
+        return  # a subset was asked for (paths, or a -k / -m expression)
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py")}
+    missing = sorted(on_disk - _COLLECTED_FILES)
+    if missing:
+        raise pytest.UsageError(f"test files not collected by the whole-suite run: {', '.join(missing)}")
