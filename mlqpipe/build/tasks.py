@@ -526,7 +526,7 @@ def run_stage_action(recipe_path, input_path, options_dict, index) -> dict | boo
         # nothing to do when this stage's entry, or the final one, is cached: the output task reads the final
         # entry only, so a warm cache (a remote one especially) is never asked for intermediate models
         computed = False
-        if cache.entry(keys[-1]) is None and cache.entry(keys[index]) is None:
+        if all(cache.entry(key) is None for key in dict.fromkeys((keys[-1], keys[index]))):
             _, keys, computed = _stage_chain(options, recipe, job, index, start_with=chain)
         _log_problems(options, cache)
     except MlqpipeError as e:
@@ -549,6 +549,7 @@ def write_output_action(recipe_path, input_path, options_dict):
     try:
         fmt = _input_format(job)
         chain = _chain_start(options, recipe, job)
+        input_sha256 = _input_digest(job.input)  # what the keys were chained from (hashed once, just now)
         cached = _final_from_cache(chain[0], chain[2], job.stages)
         if cached is not None:  # the input (a local file) and the final entry: no intermediate model is read
             (data, rows), keys, computed = cached, chain[2], False
@@ -571,7 +572,7 @@ def write_output_action(recipe_path, input_path, options_dict):
         return _failed(options, recipe, job, e, "gates", e.report["gates"], line=f"mlqpipe: {e}")
     except MlqpipeError as e:
         return _failed(options, recipe, job, e)
-    entry = lock_entry(recipe, job, status="passed", output_sha256=artifact_digest(data), input_sha256=artifact_digest(steps[0]),
+    entry = lock_entry(recipe, job, status="passed", output_sha256=artifact_digest(data), input_sha256=input_sha256,
                        keys=keys, gates=report["gates"])
     _record(options, job, entry)
     _log(options, {"event": "output", "recipe": recipe_path, "input": input_path, "output": _posix(job.output), "computed": computed,
