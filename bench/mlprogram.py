@@ -315,6 +315,9 @@ def compress_task(side: str, case_key: str, dtype: str):
 
     warnings.simplefilter("ignore")
     case = CASES.get(case_key)
+    if side == "ours-numpy":  # mlqpipe where no C compiler built its k-means: the numpy path
+        os.environ["MLQPIPE_NO_COMPILED"] = "1"
+        side = "ours"
     if side == "ours":
         import mlqpipe.optimize as module
 
@@ -606,6 +609,11 @@ def compress_bench(*, quick: bool, fresh_coremltools: bool = False, log=print) -
         log(f"  compression {row.package}: {case.label}: mlqpipe ...")
         ours = _compress_side(f"compress:ours:{row.case}:{spec.dtype}", src, repeat, budget, out["baseline_rss_mb"]["ours"],
                               out["baseline_anon_mb"]["ours"])
+        numpy_only = None
+        if row.case.startswith("km"):  # exact 1-D k-means: also without the compiled DP (information, no target)
+            log(f"  compression {row.package}: {case.label}: mlqpipe, numpy only ...")
+            numpy_only = _compress_side(f"compress:ours-numpy:{row.case}:{spec.dtype}", src, repeat, budget,
+                                        out["baseline_rss_mb"]["ours"], out["baseline_anon_mb"]["ours"])
         key = _ct_key(spec, row.case, ct_version)
         use_cache = not fresh_coremltools and (quick or (row.package, row.case) in CT_ALWAYS_CACHED)
         ct = dict(cache.get(key), cached=True) if use_cache and cache.get(key) else None
@@ -620,7 +628,7 @@ def compress_bench(*, quick: bool, fresh_coremltools: bool = False, log=print) -
             ct["cached"] = False
         out["rows"].append({"package": row.package, "case": row.case, "label": case.label, "goal": row.goal, "factor": row.factor,
                             "weights": spec.weights, "dtype": spec.dtype, "largest_tensor_mb": spec.largest_tensor_mb,
-                            "mlqpipe": ours, "coremltools": ct})
+                            "mlqpipe": ours, "coremltools": ct, **({"mlqpipe_numpy": numpy_only} if numpy_only else {})})
     out["load_average_after"] = os.getloadavg()[0]
     return out
 
@@ -704,6 +712,14 @@ def compress_report_lines(c: dict) -> list[str]:
             cached.append(f"{row['package']} {row['label']} (measured {ct.get('measured_at', '?')}, {len(ct.get('times', []))} run(s), load {ct.get('load_average', float('nan')):.1f})")
         lines.append(f"| {row['package']} ({row['weights'] / 1e6:.2f}M, {row['dtype']}) | {row['label']} | {sec(ours)} | {sec(ct)}{mark} | {speed} "
                      f"| {'-' if fl is None else sec(fl)} | {vs_floor} | {mb(ours)} / {mb(ct)} | {mem(ours)} / {mem(ct)} | {anon(ours)} / {anon(ct)} |")
+    numpy_rows = [row for row in c["rows"] if row.get("mlqpipe_numpy")]
+    if numpy_rows:
+        lines += ["", "The k-means rows use the compiled exact 1-D k-means (`mlqpipe/quant/_kmeans1d.c`, built where a C compiler is). "
+                  "The same rows on the numpy path (`MLQPIPE_NO_COMPILED=1`, as without a compiler; no target): " + "; ".join(
+                      f"{row['package']} {row['label']} {sec(row['mlqpipe_numpy'])} s"
+                      + ("" if "error" in row["mlqpipe_numpy"] or "error" in row["coremltools"]
+                         else f" ({row['coremltools']['best_s'] / row['mlqpipe_numpy']['best_s']:.2f}× coremltools' speed)")
+                      + f", RSS above {mem(row['mlqpipe_numpy'])} MB" for row in numpy_rows) + "."]
     if cached:
         lines += ["", f"† coremltools' timing from the cache `{c['timing_cache']}` (keyed by package, config and coremltools version; "
                   "delete it or pass --fresh-coremltools to measure again): " + "; ".join(cached) + "."]

@@ -1,6 +1,6 @@
-"""kmeans1d's cost of one cluster from prefix sums, in one place: kmeans.py runs it on numpy arrays and
-kmeans_jit.py compiles it, and both must do exactly these float64 operations in this order for their LUTs to
-be bit-identical with coremltools' kmeans1d."""
+"""kmeans1d's cost of one cluster from prefix sums: kmeans.py runs it on numpy arrays, and _kmeans1d.c's
+cluster_cost does exactly these float64 operations in this order (change both together), so that both
+paths' LUTs are bit-identical with coremltools' kmeans1d."""
 
 
 def cluster_cost(cw_i, cs_i, cq_i, cw_j, cs_j, cq_j):

@@ -6,10 +6,10 @@ with kmeans1d's float64 arithmetic operation for operation, so that LUTs and ind
 fp16 group has at most 65,536 distinct values, so the unique step is a histogram of the raw 16-bit patterns
 (no sort), and the DP costs k·n_distinct cells. Each DP layer is solved by divide and conquer over its rows
 (the best split is monotone in the row; leftmost minimum on ties, as kmeans1d's SMAWK), one recursion level
-at a time for every segment of every group of a batch. With numba installed (the `fast` extra),
-kmeans1d_fp16 runs the same DP compiled, group by group (kmeans_jit.py: the same float64 operations in the
-same order, so the same LUTs and indices), once a process has asked for enough work to win back loading
-numba (_JIT_MIN_WORK); lut._optimal_1d asks it too. MLQPIPE_NO_JIT=1 or _JIT = False keeps numpy.
+at a time for every segment of every group of a batch. Where setup.py could build it (a C compiler),
+mlqpipe.quant._kmeans1d runs the same DP compiled, group by group: the same float64 operations in the same
+order, so the same LUTs and indices, ~20x faster and with no fixed cost (lut._optimal_1d uses it too).
+MLQPIPE_NO_COMPILED=1 or _COMPILED = False keeps numpy.
 
 Vector k-means (cluster_dim > 1, where coremltools runs scikit-learn's KMeans): Lloyd's algorithm from greedy
 k-means++ seeds drawn with a fixed seed, converged on a random sample, then a few iterations on all
@@ -19,7 +19,6 @@ points (3 up to 16 clusters, else 30); distances from float32 products (einsum, 
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -29,11 +28,7 @@ _KEYS = 1 << 16
 _DP_BUDGET = 1 << 25  # bytes of split choices (uint16, one per layer and distinct value) per batch of groups
 _UNIQUE_BUDGET = 1 << 24  # bytes of per-group histograms per batch
 _DP_POINTS = 1 << 15  # distinct values per DP run: more groups share numpy calls, but leave the cache (measured)
-_JIT = True  # use the numba-compiled DP (kmeans_jit.py) when numba imports and MLQPIPE_NO_JIT is not 1 ...
-# ... once this process's calls reach this much work (groups x min(m, 65,536) x 2**nbits; numpy: ~0.3 us each):
-# loading numba and its cached code costs ~1 s and ~130 MB RSS, which small jobs never win back
-_JIT_MIN_WORK = 1 << 22
-_work_seen = 0
+_COMPILED = True  # use mlqpipe.quant._kmeans1d (built where a C compiler works) unless MLQPIPE_NO_COMPILED=1
 
 
 def _fp16_key_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -49,13 +44,18 @@ def _fp16_key_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _KEY_OF_RAW, _VALUE_OF_KEY = _fp16_key_tables()
+_KEY_OF_RAW_64 = _KEY_OF_RAW.astype(np.int64)  # the compiled DP's table type on every platform
 
 
 def kmeans1d_fp16(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
     """coremltools' kmeans1d of each row of `groups` (G, m) float16: LUTs (G, 2**nbits) fp16 (sorted
     centroids, then zeros) and uint8 labels (G, m)."""
-    if (jit := _jit_solver(len(groups) * min(groups.shape[-1], _KEYS) << nbits)) is not None:
-        return jit.kmeans1d_fp16(groups, nbits, _KEY_OF_RAW, _VALUE_OF_KEY)
+    if (native := compiled()) is not None:
+        raw = np.ascontiguousarray(groups, dtype=np.float16).view(np.uint16)
+        cents = np.zeros((len(raw), 1 << nbits))
+        codes = np.empty(raw.shape, dtype=np.uint8)
+        native.cluster_fp16(raw, raw.shape[0], raw.shape[1], _KEY_OF_RAW_64, _VALUE_OF_KEY, 1 << nbits, cents, codes)
+        return cents.astype(np.float16), codes
     per = max(1, _UNIQUE_BUDGET // (_KEYS * 8))
     luts = np.zeros((len(groups), 1 << nbits), dtype=np.float16)
     codes = np.empty(groups.shape, dtype=np.uint8)
@@ -68,21 +68,15 @@ def kmeans1d_fp16(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarra
     return luts, codes
 
 
-def _jit_solver(work: int = 0):
-    """kmeans_jit (imported on first use: importing numba takes a while), or None: numba missing, the
-    compiled path switched off, or less than _JIT_MIN_WORK work so far in this process (this call's
-    `work` included) while numba is not loaded yet."""
-    global _work_seen
-    if not _JIT or os.environ.get("MLQPIPE_NO_JIT") == "1":
-        return None
-    _work_seen += work
-    if _work_seen < _JIT_MIN_WORK and "mlqpipe.quant.kmeans_jit" not in sys.modules:
+def compiled():
+    """mlqpipe.quant._kmeans1d, or None: not built (no C compiler when the package was built) or switched off."""
+    if not _COMPILED or os.environ.get("MLQPIPE_NO_COMPILED") == "1":
         return None
     try:
-        from mlqpipe.quant import kmeans_jit
-    except ImportError:  # no numba (or one that does not work with this numpy)
+        from mlqpipe.quant import _kmeans1d
+    except ImportError:
         return None
-    return kmeans_jit
+    return _kmeans1d
 
 
 def _solve_batches(counts: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -135,10 +135,13 @@ def _optimal_1d(centres: np.ndarray, counts: np.ndarray, sums: np.ndarray, k: in
     is a couple of dozen numpy calls (at 2,048 points, call overhead weighs as much as the arithmetic).
     The last layer is solved for the whole data only.
     """
-    from mlqpipe.quant.kmeans import _jit_solver
+    from mlqpipe.quant.kmeans import compiled
 
-    if (jit := _jit_solver(centres.size * k)) is not None:  # the same DP compiled (the `fast` extra): the same result
-        return jit.optimal_1d(*(np.ascontiguousarray(a, dtype=np.float64) for a in (centres, counts, sums)), k)
+    if centres.size and (native := compiled()) is not None:  # the same DP in C: the same result
+        points = [np.ascontiguousarray(a, dtype=np.float64) for a in (centres, counts, sums)]
+        out = np.empty(min(k, centres.size))
+        native.optimal_1d(*points, centres.size, out.size, out)
+        return out
     m = centres.size
     k = min(k, m)
     pre = np.zeros((4, m + 1))  # prefix counts, sums, weighted squares; row 3: the previous layer's costs

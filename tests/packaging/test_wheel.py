@@ -63,8 +63,10 @@ def _checkout_files() -> list[str]:
 
 FILES = _checkout_files()
 SOURCES = [f for f in FILES if f.startswith("mlqpipe/") and f.endswith(".py")]
-# The sdist also carries what the schema mapping, the demo, the examples and the tests need.
-SDIST = SOURCES + [f for f in FILES if f.split("/")[0] in ("schemas", "pipelines", "tests", "bench", "constraints")] + [
+C_SOURCES = [f for f in FILES if f.startswith("mlqpipe/") and f.endswith(".c")]
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
+# The sdist also carries the C source and what the schema mapping, the demo, the examples and the tests need.
+SDIST = SOURCES + C_SOURCES + [f for f in FILES if f.split("/")[0] in ("schemas", "pipelines", "tests", "bench", "constraints")] + [
     "README.md", "pyproject.toml", "setup.py", "MANIFEST.in", ".pre-commit-hooks.yaml"]
 
 # Run by the installed environment's interpreter with module names. For one name: import it. For several:
@@ -194,6 +196,8 @@ def test_wheel_and_sdist_hold_every_source_file(dists):
     from_sdist = _wheel_names(dists["wheel_from_sdist"])
     assert from_sdist == _wheel_names(dists["wheel"])  # building via the sdist loses nothing
     assert not [s for s in SOURCES if s not in from_sdist], "missing from the wheel"
+    compiled = [n for n in from_sdist if n.startswith("mlqpipe/quant/_kmeans1d.") and n.endswith((".so", ".pyd"))]
+    assert C_SOURCES == ["mlqpipe/quant/_kmeans1d.c"] and len(compiled) == (1 if HAVE_CC else 0), compiled
     assert "mlqpipe/schemas/recipe.schema.json" in from_sdist
     assert all(n.startswith("mlqpipe/") for n in from_sdist), sorted(n for n in from_sdist if not n.startswith("mlqpipe/"))
     with tarfile.open(dists["sdist"]) as tar:
@@ -212,6 +216,13 @@ def test_environment_is_isolated(env):
     assert not Path(file).resolve().is_relative_to(REPO)
     assert Path(dist_files).resolve() == site_dir / "mlqpipe"  # its metadata, not the editable install's
     assert finder == "False"
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the wheel has no compiled k-means")
+def test_installed_wheel_runs_the_compiled_kmeans(env):
+    code = "from mlqpipe.quant.kmeans import compiled; print(compiled().__file__)"
+    where = Path(env.run(env.python, "-c", code, cwd=env.root).stdout.strip())
+    assert where.resolve().is_relative_to(env.site.resolve()), where
 
 
 def test_every_module_imports_on_its_own(env):

@@ -13,6 +13,15 @@ def kmeans1d():
     return pytest.importorskip("coremltools._deps.kmeans1d")
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def backend(request, monkeypatch):
+    """Each exact 1-D k-means test runs on both paths (test_kmeans_compiled.py compares them directly)."""
+    if request.param == "compiled" and K.compiled() is None:
+        pytest.skip("mlqpipe.quant._kmeans1d is not built")
+    monkeypatch.setattr(K, "_COMPILED", request.param == "compiled")
+    return request.param
+
+
 def _reference(kmeans1d, x, nbits):
     """What coremltools does with one fp16 group (MLPROGRAM.md §7)."""
     values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
@@ -39,7 +48,7 @@ def _groups():
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
-def test_fp16_batch_is_bit_exact_with_kmeans1d(kmeans1d, nbits):
+def test_fp16_batch_is_bit_exact_with_kmeans1d(kmeans1d, nbits, backend):
     """All groups go through one batched DP (different distinct counts, fewer distinct values than 2**nbits)."""
     names = list(_groups())[: 3 if nbits == 8 else None]  # 8 bits: the slowest DP, fewer groups
     groups = np.stack([_groups()[n].astype(np.float16) for n in names])
@@ -52,6 +61,7 @@ def test_fp16_batch_is_bit_exact_with_kmeans1d(kmeans1d, nbits):
 
 
 def test_fp16_batches_split_by_budget_give_the_same_result(monkeypatch):
+    monkeypatch.setattr(K, "_COMPILED", False)  # the numpy path's batching
     groups = np.stack([g.astype(np.float16) for g in _groups().values()])
     whole = K.kmeans1d_fp16(groups, 4)
     monkeypatch.setattr(K, "_DP_BUDGET", 1)  # one group per DP run

@@ -1,7 +1,8 @@
-"""The numba-compiled exact fp16 k-means (mlqpipe/quant/kmeans_jit.py): bit-identical to kmeans.py's numpy DP
-and to kmeans1d (what coremltools 9.0 runs on fp16 groups), on every kind of fp16 group."""
+"""The compiled exact 1-D k-means (mlqpipe/quant/_kmeans1d.c): bit-identical to kmeans.py's numpy DP and to
+kmeans1d (what coremltools 9.0 runs on fp16 groups) on every kind of fp16 group, and to lut.py's own DP."""
 
 import importlib.util
+import shutil
 import sys
 
 import numpy as np
@@ -11,7 +12,15 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import mlqpipe.quant as Q
 import mlqpipe.quant.kmeans as K
 
-pytest.importorskip("numba")
+
+def test_the_extension_is_built_wherever_a_c_compiler_is():
+    """setup.py builds it as optional: a broken build would otherwise only show as slow k-means."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    assert K.compiled() is not None
+
+
+_native = pytest.importorskip("mlqpipe.quant._kmeans1d")
 
 NBITS = [1, 2, 3, 4, 6, 8]
 
@@ -35,15 +44,14 @@ def _reference(x, nbits):
     return lut.astype(np.float16), np.array(r.clusters)[inverse.ravel()].astype(np.uint8)
 
 
-def _run(groups, nbits, jit):
-    """kmeans1d_fp16 on numba (from the first call: no work threshold) or on numpy."""
-    saved = K._JIT, K._JIT_MIN_WORK
-    K._JIT, K._JIT_MIN_WORK = jit, 0
+def _run(groups, nbits, native):
+    """kmeans1d_fp16 compiled or on numpy."""
+    saved, K._COMPILED = K._COMPILED, native
     try:
-        assert (K._jit_solver() is not None) == jit
+        assert (K.compiled() is not None) == native
         return K.kmeans1d_fp16(groups, nbits)
     finally:
-        K._JIT, K._JIT_MIN_WORK = saved
+        K._COMPILED = saved
 
 
 def _finite_raw(rng, shape, top=0x7C00):
@@ -87,7 +95,7 @@ KINDS = ["t3", "raw", "subnormal", "large", "few", "lattice", "symmetric", "zero
 @example(kind="lattice", nbits=3, g=3, m=4000, seed=1)
 @example(kind="constant", nbits=1, g=1, m=1, seed=2)
 @example(kind="zeros", nbits=8, g=2, m=50, seed=3)
-def test_jit_is_bit_identical_to_numpy_and_kmeans1d(kind, nbits, g, m, seed):
+def test_compiled_is_bit_identical_to_numpy_and_kmeans1d(kind, nbits, g, m, seed):
     if nbits == 8:
         m = min(m, 400)  # the numpy DP's slowest case
     groups = _make(kind, g, m, seed)
@@ -101,51 +109,46 @@ def test_jit_is_bit_identical_to_numpy_and_kmeans1d(kind, nbits, g, m, seed):
         assert np.array_equal(idx, ref_idx)
 
 
-def test_jit_takes_any_float16_layout():
+def test_compiled_takes_any_float16_layout():
     """A non-contiguous (G, m) float16 view gives the same result as its contiguous copy."""
     view = _make("t3", 4, 600, 5)[::2, ::2]
     assert all(np.array_equal(a, b) for a, b in zip(_run(view, 4, True), _run(view.copy(), 4, True)))
 
 
-def test_numba_is_loaded_once_the_work_so_far_is_worth_it(monkeypatch):
-    monkeypatch.delitem(sys.modules, "mlqpipe.quant.kmeans_jit", raising=False)  # not loaded yet
-    monkeypatch.delattr(Q, "kmeans_jit", raising=False)
-    monkeypatch.setattr(K, "_JIT_MIN_WORK", 1000)
-    monkeypatch.setattr(K, "_work_seen", 0)
-    assert K._jit_solver(400) is None and K._jit_solver(500) is None
-    assert K._jit_solver(100) is not None  # 1000 so far
-    assert K._jit_solver(1) is not None  # loaded: used for any size from now on
-    monkeypatch.setattr(K, "_work_seen", 0)
-    assert K._jit_solver(1) is not None
-    monkeypatch.setattr(K, "_work_seen", 0)
-    K.kmeans1d_fp16(np.zeros((3, 5), np.float16), 4)
-    assert K._work_seen == 3 * 5 * 16
-
-
-def test_no_jit_env_var_and_missing_numba_use_numpy(monkeypatch):
-    monkeypatch.setattr(K, "_JIT_MIN_WORK", 0)
-    assert K._jit_solver() is not None
-    monkeypatch.setenv("MLQPIPE_NO_JIT", "1")
-    assert K._jit_solver() is None
-    monkeypatch.delenv("MLQPIPE_NO_JIT")
-    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
-    monkeypatch.delitem(sys.modules, "mlqpipe.quant.kmeans_jit")
-    monkeypatch.delattr(Q, "kmeans_jit")
-    assert K._jit_solver() is None
+def test_env_var_and_a_missing_extension_use_numpy(monkeypatch):
+    monkeypatch.setenv("MLQPIPE_NO_COMPILED", "1")
+    assert K.compiled() is None
+    monkeypatch.delenv("MLQPIPE_NO_COMPILED")
+    monkeypatch.setitem(sys.modules, "mlqpipe.quant._kmeans1d", None)  # its import now raises ImportError
+    monkeypatch.delattr(Q, "_kmeans1d")
+    assert K.compiled() is None
     groups = _make("t3", 2, 500, 7)
     lut, idx = K.kmeans1d_fp16(groups, 3)
     monkeypatch.undo()
+    assert K.compiled() is not None
     ref_lut, ref_idx = _run(groups, 3, True)
     assert np.array_equal(lut.view(np.uint16), ref_lut.view(np.uint16)) and np.array_equal(idx, ref_idx)
 
 
-def test_without_a_cache_location_it_compiles_uncached():
-    """numba refuses cache=True where it finds no cache location (here: a function with no source file)."""
-    from mlqpipe.quant.kmeans_jit import _jit
-
-    ns = {}
-    exec("def f(x):\n    return x / 2.0\n", ns)
-    assert _jit(ns["f"])(3.0) == 1.5
+def test_buffers_of_the_wrong_size_or_keys_out_of_range_are_refused():
+    raw = np.zeros(6, np.uint16)
+    cents, codes = np.zeros(2 * 4), np.zeros(6, np.uint8)
+    args = [raw, 2, 3, K._KEY_OF_RAW_64, K._VALUE_OF_KEY, 4, cents, codes]
+    _native.cluster_fp16(*args)
+    with pytest.raises(ValueError, match="raw: 12 bytes, expected 14"):
+        _native.cluster_fp16(raw, 7, 1, *args[3:6], np.zeros(7 * 4), np.zeros(7, np.uint8))
+    with pytest.raises(ValueError, match="cents: 64 bytes, expected 80"):
+        _native.cluster_fp16(*args[:5], 5, cents, codes)
+    bad = K._KEY_OF_RAW_64.copy()
+    bad[7] = 1 << 16
+    with pytest.raises(ValueError, match="keys must lie in 0..65535"):
+        _native.cluster_fp16(raw, 2, 3, bad, *args[4:])
+    with pytest.raises(ValueError, match="1 <= kmax <= 256"):
+        _native.cluster_fp16(*args[:5], 512, np.zeros(2 * 512), codes)
+    with pytest.raises(TypeError):  # read-only output
+        _native.cluster_fp16(*args[:6], b"\0" * 64, codes)
+    with pytest.raises(ValueError, match="1 <= k <= m"):
+        _native.optimal_1d(np.zeros(3), np.ones(3), np.zeros(3), 3, 4, np.zeros(4))
 
 
 @settings(max_examples=60, deadline=None)
@@ -153,9 +156,7 @@ def test_without_a_cache_location_it_compiles_uncached():
        k=st.sampled_from([1, 2, 4, 8, 16, 64, 256]), seed=st.integers(0, 2**32 - 1))
 @example(kind="rounded", m=2, k=4, seed=0)  # np.cumsum's first sum is the first term: -0.0 keeps its sign
 def test_optimal_1d_is_bit_identical_to_lut(kind, m, k, seed):
-    """kmeans_jit.optimal_1d == lut._optimal_1d on numpy (mlqpipe's own exact DP for float32 bins and small
-    groups, which calls the compiled one once kmeans says so)."""
-    from mlqpipe.quant.kmeans_jit import optimal_1d
+    """lut._optimal_1d compiled == on numpy (mlqpipe's own exact DP for float32 bins and small groups)."""
     from mlqpipe.quant.lut import _optimal_1d
 
     rng = np.random.default_rng(seed)
@@ -170,10 +171,11 @@ def test_optimal_1d_is_bit_identical_to_lut(kind, m, k, seed):
         c = np.sort(rng.standard_normal(m) * 1e3)
     n = np.ones(c.size) if kind == "lattice" else rng.integers(1, 6, c.size).astype(np.float64)
     s = c * n
-    ours = optimal_1d(c, n, s, k)
-    saved, K._JIT = K._JIT, False  # the numpy DP as the reference
+    assert K.compiled() is not None
+    ours = _optimal_1d(c, n, s, k)
+    saved, K._COMPILED = K._COMPILED, False  # the numpy DP as the reference
     try:
         ref = _optimal_1d(c, n, s, k)
     finally:
-        K._JIT = saved
+        K._COMPILED = saved
     assert ours.shape == ref.shape and np.array_equal(ours.view(np.uint64), ref.view(np.uint64))
