@@ -582,7 +582,7 @@ def _ct_key(spec: Spec, case_key: str, version: str) -> str:
 
 def compress_bench(*, quick: bool, fresh_coremltools: bool = False, log=print) -> dict:
     """Every ROWS entry: mlqpipe's and coremltools' load -> compress -> save, each in a fresh process
-    (best of up to 3 runs within a time budget; --quick: up to 2 within 5 s), peak RSS above a fresh process
+    (best of up to 5 runs within a time budget, as the floor; --quick: up to 2 within 5 s), peak RSS above a fresh process
     of the same side that only imported its modules; the I/O floor with one numpy int8 pass per package.
     coremltools' timings come from the TimingCache for CT_ALWAYS_CACHED rows (measured once, one run), and
     for every row with --quick; fresh_coremltools measures (and re-caches) all of them."""
@@ -602,7 +602,7 @@ def compress_bench(*, quick: bool, fresh_coremltools: bool = False, log=print) -
     for label in sorted({r.package for r in ROWS if r.goal == "floor"}):
         log(f"  compression {label}: I/O floor + int8 pass ...")
         out["floors"][label] = _compress_side("floor_int8", package(COMPRESS_PACKAGES[label]), 5, float("inf"), None, None)
-    repeat, budget = (2, 5.0) if quick else (3, 30.0)
+    repeat, budget = (2, 5.0) if quick else (5, 30.0)  # as many runs as the floor gets (5)
     for row in ROWS:
         spec, case = COMPRESS_PACKAGES[row.package], CASES[row.case]
         src = package(spec)
@@ -689,7 +689,7 @@ def compress_report_lines(c: dict) -> list[str]:
 
     lines = [f"## ML programs (.mlpackage): compression, mlqpipe.optimize vs coremltools {c['coremltools_version']}", "",
              "End to end, load → compress → save, each side in a fresh process with its module imported and the same call run once on a "
-             "128×128 package first (neither timed); best of up to " + ("2 runs within 5 s (--quick)" if c["quick"] else "3 runs within 30 s")
+             "128×128 package first (neither timed); best of up to " + ("2 runs within 5 s (--quick)" if c["quick"] else "5 runs within 30 s, as the floor")
              + ", warm page cache. mlqpipe: `mlqpipe.optimize.<api>(path, config).save(out)`; coremltools: "
              "`coremltools.optimize.coreml.<api>(MLModel(path, skip_model_load=True), config).save(out)`, with the same "
              "`OptimizationConfig(global_config=...)` arguments. Packages: 4M / 50M as above (fp32, N(0, 0.02²)); 4M-fp16 the same "

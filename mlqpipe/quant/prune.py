@@ -82,46 +82,97 @@ def densify(r: SparseResult) -> np.ndarray:
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-@dataclass(frozen=True, eq=False)
 class _Magnitudes:
     """|x| as sort keys. For IEEE floats the unsigned bit pattern with the sign cleared: it orders like the
     value (±0 → 0, inf below every NaN) and compares with integer instructions, which numpy runs ~20x faster
-    than its fp16 loops. Other float types (long double) keep |x| itself."""
+    than its fp16 loops. Other float types (long double) keep |x| itself.
 
-    keys: np.ndarray  # C-contiguous
-    dtype: np.dtype  # the float type the keys stand for
+    The keys of a weight are made chunk by chunk where a pass allows it (the NaN check, the percentile's
+    bracket, the final comparison), into one cache-sized buffer: a weight-sized array of keys is built
+    (`keys`) only for the paths that need one, so unstructured pruning writes no weight-sized temporary."""
+
+    def __init__(self, source: np.ndarray, dtype: np.dtype, sign_off: np.generic | None):
+        self._source = source  # C-contiguous: the keys themselves (sign_off None) or the weight's bits
+        self._sign_off = sign_off
+        self._keys = source if sign_off is None else None
+        self.dtype = dtype  # the float type the keys stand for
+        self.shape = source.shape
+        self.size = source.size
 
     @staticmethod
     def of(x: np.ndarray) -> "_Magnitudes":
         """Keys of |x| for any float array."""
         uint = _UINT.get(x.dtype.itemsize) if x.dtype in (np.float16, np.float32, np.float64) else None
         if uint is None:
-            return _Magnitudes(np.abs(x, order="C"), x.dtype)
-        sign_off = uint(np.iinfo(uint).max >> 1)
-        return _Magnitudes(np.bitwise_and(x.view(uint), sign_off, order="C"), x.dtype)
+            return _Magnitudes(np.abs(x, order="C"), x.dtype, None)
+        x = x if x.flags.c_contiguous else x.copy(order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        return _Magnitudes(x.view(uint), x.dtype, uint(np.iinfo(uint).max >> 1))
 
     @staticmethod
     def of_nonnegative(x: np.ndarray) -> "_Magnitudes":
         """Keys of a C-contiguous array of values >= 0 (+0, not −0) without a copy."""
         uint = _UINT.get(x.dtype.itemsize) if x.dtype in (np.float16, np.float32, np.float64) else None
-        return _Magnitudes(x if uint is None else x.view(uint), x.dtype)
+        return _Magnitudes(x if uint is None else x.view(uint), x.dtype, None)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """All keys, in the weight's shape (made on first use)."""
+        if self._keys is None:
+            self._keys = np.bitwise_and(self._source, self._sign_off)
+        return self._keys
+
+    @property
+    def key_dtype(self) -> np.dtype:
+        return self._source.dtype
+
+    def chunks(self):
+        """(start, keys of the flat elements start..start+len) in _CHUNK pieces; a piece is only valid until
+        the next one is made."""
+        flat = self._source.reshape(-1)
+        if self._keys is not None:
+            keys = self._keys.reshape(-1)
+            for start in range(0, flat.size, _CHUNK):
+                yield start, keys[start:start + _CHUNK]
+            return
+        buf = np.empty(min(flat.size, _CHUNK), flat.dtype)
+        for start in range(0, flat.size, _CHUNK):
+            part = flat[start:start + _CHUNK]
+            yield start, np.bitwise_and(part, self._sign_off, out=buf[:part.size])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The keys at these flat positions."""
+        if self._keys is not None:
+            return self._keys.reshape(-1)[index]
+        return np.bitwise_and(self._source.reshape(-1)[index], self._sign_off)
+
+    def greater(self, key: np.generic) -> np.ndarray:
+        """keys > key, in the weight's shape."""
+        if self._keys is not None:
+            return self._keys > key
+        out = np.empty(self.shape, dtype=bool)
+        flat = out.reshape(-1)
+        for start, part in self.chunks():
+            np.greater(part, key, out=flat[start:start + part.size])
+        return out
 
     @property
     def is_bits(self) -> bool:
-        return self.keys.dtype != self.dtype
+        return self.key_dtype != self.dtype
 
     def key(self, value: np.generic) -> np.generic:
         """The key of a value >= 0 of our dtype (−0 maps to 0)."""
         v = abs(self.dtype.type(value))
-        return np.asarray(v).view(self.keys.dtype)[()] if self.is_bits else v
+        return np.asarray(v).view(self.key_dtype)[()] if self.is_bits else v
 
     def value(self, key: np.generic) -> np.generic:
         return np.asarray(key).view(self.dtype)[()] if self.is_bits else key
 
     def has_nan(self) -> bool:
-        if not self.keys.size:
+        if not self.size:
             return False
-        top = self.keys.max()  # max propagates NaN for floats; NaN bit patterns lie above inf's
+        if self._keys is None and self.dtype in (np.float32, np.float64):  # numpy's own max is vectorised for these
+            return bool(np.isnan(self._source.view(self.dtype).max()))
+        top = max(part.max() for _, part in self.chunks())  # max propagates NaN for floats; NaN bit patterns lie above inf's
         return bool(top > self.key(np.inf)) if self.is_bits else bool(np.isnan(top))
 
 
@@ -136,7 +187,7 @@ def _threshold_mask(w: np.ndarray, mag: _Magnitudes, threshold: float) -> np.nda
     if type(threshold) is float and threshold >= 0:  # a Python float compares as the weight's dtype (NEP 50)
         with np.errstate(over="ignore"):
             t = w.dtype.type(threshold)
-        return mag.keys > mag.key(t)  # |w| > t >= 0 implies w != 0: one comparison
+        return mag.greater(mag.key(t))  # |w| > t >= 0 implies w != 0: one comparison
     return _keep(mag, np.abs(w) <= threshold)  # negative, NaN or numpy-typed thresholds: as written
 
 
@@ -205,16 +256,16 @@ def _interpolate(a: np.generic, b: np.generic, gamma: float) -> np.generic:
 
 def _percentile(mag: _Magnitudes, q: float) -> tuple[np.generic, _Bracket]:
     """np.percentile(|x|, q) bit for bit, with the bracket of keys its order statistics came from."""
-    k0, k1, gamma = _percentile_index(mag.keys.size, q)
-    (a, b), bracket = _select(mag.keys.ravel(), (k0, k1))
+    k0, k1, gamma = _percentile_index(mag.size, q)
+    (a, b), bracket = _select(mag, (k0, k1))
     return _interpolate(mag.value(a), mag.value(b), gamma), bracket
 
 
-def _select(keys: np.ndarray, ranks: tuple[int, int]) -> tuple[tuple[np.generic, np.generic], _Bracket]:
-    """The keys of rank `ranks` in sorted(keys) (1-D), and a bracket around them."""
-    bracket = _bracket(keys, ranks) if keys.size > _SMALL and keys.dtype.kind == "u" else None
+def _select(mag: _Magnitudes, ranks: tuple[int, int]) -> tuple[tuple[np.generic, np.generic], _Bracket]:
+    """The keys of rank `ranks` in sorted(keys) (flat), and a bracket around them."""
+    bracket = _bracket(mag, ranks) if mag.size > _SMALL and mag.key_dtype.kind == "u" else None
     if bracket is None:  # small, or the sample missed (improbable): select among everything
-        bracket = _Bracket(None, None, 0, keys.copy())
+        bracket = _Bracket(None, None, 0, mag.keys.ravel().copy())
     if bracket.lo is not None and bracket.lo == bracket.hi:  # one key inside (e.g. the zeros of a sparse weight)
         return (bracket.lo, bracket.lo), bracket
     r = [k - bracket.below for k in ranks]
@@ -222,35 +273,36 @@ def _select(keys: np.ndarray, ranks: tuple[int, int]) -> tuple[tuple[np.generic,
     return (bracket.inside[r[0]], bracket.inside[r[1]]), bracket
 
 
-def _bracket(keys: np.ndarray, ranks: tuple[int, int]) -> _Bracket | None:
+def _bracket(mag: _Magnitudes, ranks: tuple[int, int]) -> _Bracket | None:
     """Bound the ranks by quantiles of a sample, then one pass: d = key − lo wraps keys below lo past the
     signed maximum (keys of non-NaN values are below it) and lands [lo, hi] in [0, hi − lo]."""
-    n = keys.size
-    sample = keys[np.random.default_rng(0).integers(0, n, _SAMPLE)]  # fixed seed: only the timing depends on it
+    n, kt = mag.size, mag.key_dtype
+    sample = mag.take(np.random.default_rng(0).integers(0, n, _SAMPLE))  # fixed seed: only the timing depends on it
     p = ranks[0] / (n - 1)
     margin = int(_SIGMAS * np.sqrt(_SAMPLE * p * (1 - p))) + 2
     at = int(p * (_SAMPLE - 1))
     r_lo, r_hi = max(at - margin, 0), min(at + 1 + margin, _SAMPLE - 1)
     sample.partition([r_lo, r_hi])
-    lo = keys.dtype.type(0) if r_lo == 0 else sample[r_lo]
-    hi = np.iinfo(keys.dtype).max >> 1 if r_hi == _SAMPLE - 1 else sample[r_hi]
-    below, inside, span, buf = 0, [], keys.dtype.type(hi - lo), np.empty(min(n, _CHUNK), keys.dtype)
-    for start in range(0, n, _CHUNK):  # in cache-sized chunks: no weight-sized temporaries
-        part = keys[start:start + _CHUNK]
+    lo = kt.type(0) if r_lo == 0 else sample[r_lo]
+    hi = np.iinfo(kt).max >> 1 if r_hi == _SAMPLE - 1 else sample[r_hi]
+    below, inside, span, buf = 0, [], kt.type(hi - lo), np.empty(min(n, _CHUNK), kt)
+    signed = kt.str.replace("u", "i")
+    for _, part in mag.chunks():  # in cache-sized chunks: no weight-sized temporaries
         d = np.subtract(part, lo, out=buf[:part.size])
-        below += int(np.count_nonzero(d.view(keys.dtype.str.replace("u", "i")) < 0))
+        below += int(np.count_nonzero(d.view(signed) < 0))
         inside.append(np.compress(d <= span, part))
     inside = np.concatenate(inside)
     if below > ranks[0] or below + inside.size <= ranks[1]:
         return None
-    return _Bracket(lo, keys.dtype.type(hi), below, inside)
+    return _Bracket(lo, kt.type(hi), below, inside)
 
 
-def _counts_at(keys: np.ndarray, key: np.generic, bracket: _Bracket) -> tuple[int, int]:
+def _counts_at(mag: _Magnitudes, key: np.generic, bracket: _Bracket) -> tuple[int, int]:
     """How many keys are < key and == key; from the bracket when key is inside it."""
     if bracket.lo is None or bracket.lo <= key <= bracket.hi:
         below = bracket.below + int(np.count_nonzero(bracket.inside < key))
         return below, int(np.count_nonzero(bracket.inside == key))
+    keys = mag.keys
     return int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key))
 
 
@@ -264,12 +316,12 @@ def _unstructured_mask(mag: _Magnitudes, q: float) -> np.ndarray:
     if np.isnan(thr):  # inf − inf in the interpolation: nothing is below or at NaN, so nothing is pruned
         return mag.keys != 0
     key = mag.key(thr)
-    keep = mag.keys > key  # |w| > thr >= 0, so w != 0
+    keep = mag.greater(key)  # |w| > thr >= 0, so w != 0
     if key == 0:  # the tied elements are zeros: never stored, whatever the tie-break
         return keep
-    flat = mag.keys.ravel()
-    below, tied = _counts_at(flat, key, bracket)
+    below, tied = _counts_at(mag, key, bracket)
     if tied > 1:
+        flat = mag.keys.ravel()
         need = int(np.floor(q / 100 * (flat.size - 1))) + 1 - below
         keep.ravel()[np.flatnonzero(flat == key)[min(max(need, 0), tied):]] = True
     return keep
@@ -343,7 +395,7 @@ def _blocks_below_percentile(blocks: _Blocks, q: float) -> np.ndarray:
         mag, ranks = _Magnitudes.of_nonnegative(np.ascontiguousarray(norms)), (k0 // b, k1 // b)
     else:
         mag, ranks = _Magnitudes.of_nonnegative(blocks.expand(norms)), (k0, k1)
-    (lo, hi), _ = _select(mag.keys.ravel(), ranks)
+    (lo, hi), _ = _select(mag, ranks)
     thr = _interpolate(mag.value(lo), mag.value(hi), gamma)
     pruned = norms < thr
     tied = np.nonzero(norms == thr)
