@@ -105,23 +105,48 @@ def linear_quantize(values: np.ndarray, s: AffineSettings) -> AffineResult:
         raise ValueError(f"the weight's value range exceeds {w.dtype}; quantize it from float32 values")
     scale = span / (qmax - qmin)  # in the weight's dtype, as coremltools
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q = np.divide(blocked, scale)  # the one temporary: every later step works in place
-        np.rint(q, out=q)  # round half to even, as np.round
         zero_point = _zero_point(lo, hi, span, qmin, qmax, s)
-        if zero_point is not None:
-            np.add(q, zero_point, out=q)
     np_int = np.int8 if DTYPES[s.dtype][1] else np.uint8
-    if np.all(scale):  # clipped straight into the codes: whole numbers in range cast exactly
-        data = np.empty(q.shape, np_int)
-        np.clip(q, qmin, qmax, out=data, casting="unsafe")
-        data = data.reshape(w.shape)
-    else:
-        np.clip(q, qmin, qmax, out=q)
-        q[np.isnan(q)] = 0  # 0/0 in an all-zero (or underflowed) block: coremltools' cast gives 0
-        data = q.reshape(w.shape).astype(np_int)
+    data = np.empty(blocked.shape, np_int)
+    _quantize_into(data, blocked, scale, zero_point, qmin, qmax)
+    data = data.reshape(w.shape)
     if zero_point is not None:
         zero_point = np.nan_to_num(zero_point, nan=0.0).reshape(scale_shape).astype(np_int)
     return AffineResult(data, scale.reshape(scale_shape).astype(w.dtype), zero_point, s.dtype)
+
+
+_ROWS_CHUNK = 1 << 17  # elements per step of _quantize_into: its float buffer stays in cache and is reused
+
+
+def _quantize_into(data, blocked, scale, zero_point, qmin, qmax) -> None:
+    """data = clip(rint(blocked / scale) + zero_point, qmin, qmax), cast to data's integer type, a few rows of
+    the blocked view at a time: one small float buffer instead of a weight-sized temporary (whose fresh pages
+    cost more than the arithmetic). 0/0 of an all-zero block gives 0, as coremltools' cast does."""
+    rows = blocked.shape[0] if blocked.ndim else 1
+    step = max(1, _ROWS_CHUNK // max(1, blocked.size // max(rows, 1)))
+    exact = bool(np.all(scale))  # no 0/0: whole numbers in range, clipped straight into the codes
+    buf = np.empty((min(step, rows),) + blocked.shape[1:], np.result_type(blocked, scale)) if blocked.ndim else None
+    for start in range(0, rows, step):
+        part = blocked[start:start + step] if blocked.ndim else blocked
+        q = buf[:len(part)] if blocked.ndim else np.empty_like(part, dtype=np.result_type(blocked, scale))
+        sc = _rows(scale, start, step)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            np.divide(part, sc, out=q)
+            np.rint(q, out=q)  # round half to even, as np.round
+            if zero_point is not None:
+                np.add(q, _rows(zero_point, start, step), out=q)
+        out = data[start:start + step] if blocked.ndim else data
+        if exact:
+            np.clip(q, qmin, qmax, out=out, casting="unsafe")
+        else:
+            np.clip(q, qmin, qmax, out=q)
+            q[np.isnan(q)] = 0
+            out[...] = q
+
+
+def _rows(a: np.ndarray, start: int, step: int) -> np.ndarray:
+    """Rows start..start+step of a keepdims array that is broadcast against the blocked view."""
+    return a[start:start + step] if a.ndim and a.shape[0] > 1 else a
 
 
 def dequantize(r: AffineResult) -> np.ndarray:
