@@ -68,6 +68,7 @@ class MLProgram:
         self.source = source
         self._model_bytes = model_bytes  # as read: an unchanged spec keeps the input's manifest
         self._blobs: dict[Path, BlobFile] = {}
+        self._paths: dict[str, Path] = {}  # fileName -> the file it names, checked once (resolve_blob_file)
         self._keep: object = None  # a temporary package this model reads from (from_artifact)
         self.scratch: Scratch | None = None  # blobs written since loading (shared with copies)
 
@@ -81,7 +82,9 @@ class MLProgram:
                 raise ModelError(f"{self.source}: a value refers to new weights that were never written")
             path = self.scratch.path
         else:
-            path = resolve_blob_file(self.layout, file_name)
+            path = self._paths.get(file_name)
+            if path is None:  # links resolved and checked once: every weight of a file names it again
+                path = self._paths[file_name] = resolve_blob_file(self.layout, file_name)
         found = self._blobs.get(path)
         if found is not None and _changed(found, path):  # replaced or resized since opened: map it anew
             found.close()
@@ -165,6 +168,7 @@ class MLProgram:
         shutil.copytree(self.layout.root, tmp / self.layout.root.name, symlinks=True)
         self.close()
         self.layout = read_layout(tmp / self.layout.root.name)
+        self._paths = {}
         self._keep = weakref.finalize(self, shutil.rmtree, tmp, True)
 
     def _fill(self, root: Path) -> None:
