@@ -493,6 +493,8 @@ def _known(code: int) -> BlobDType:
 def _encode(data, d: BlobDType, padding_bits: int):
     """(bytes-like payload, padding bits) for `data` of type `d`; ValueError for a caller's mistake."""
     if isinstance(data, np.ndarray):
+        if d.sub_byte and data.dtype == np.bool_ and d.nbits == 1:  # a mask: numpy packs it LSB first as it is
+            return memoryview(np.packbits(data.reshape(-1), bitorder="little")), _padding_for(data.size, 1)
         if d.sub_byte:
             if not np.issubdtype(data.dtype, np.integer):
                 raise ValueError(f"{d.name} values must be an integer array, got {data.dtype}")

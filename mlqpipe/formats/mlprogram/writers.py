@@ -282,7 +282,10 @@ def _value(model, p: Param, ios18: bool):
         t.dimensions.add().constant.size = int(d)
     storable = p.dtype in _BLOB_DTYPES or (ios18 and p.dtype in _BLOB_DTYPES_IOS18)
     if array.size >= BLOB_MIN_ELEMENTS and storable:
-        data = array.astype(np.uint8 if p.dtype in _SUB_BYTE and p.dtype != proto.INT4 else array.dtype, copy=False)
+        if array.dtype == np.bool_ and p.dtype == proto.UINT1:
+            data = array  # a mask is packed as it is, without a byte per element first
+        else:
+            data = array.astype(np.uint8 if p.dtype in _SUB_BYTE and p.dtype != proto.INT4 else array.dtype, copy=False)
         v.blobFileValue.fileName = SCRATCH
         v.blobFileValue.offset = model.new_blob(data.ravel(), BLOB_CODE_OF_MIL[p.dtype])
         return v
@@ -410,7 +413,7 @@ def write_sparse(rec, r: SparseResult) -> None:
                                                              Param("mask", Ref(last, 0), proto.UINT1)], upstream)
             return
         replace_const(rec, "constexpr_sparse_to_dense", [Param("nonzero_data", np.asarray(r.nonzero), _float_dtype(rec)),
-                                                         Param("mask", mask.astype(np.uint8), proto.UINT1)])
+                                                         Param("mask", mask, proto.UINT1)])
         return
     if nested:
         kind = "palettized" if isinstance(r.nonzero, PaletteResult) else "quantized"

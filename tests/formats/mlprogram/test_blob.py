@@ -483,3 +483,19 @@ def test_catalog_weight_files(mlpackage, milstorage, tmp_path, name):
                     assert w.add(values, i.dtype_code) == i.offset
     assert copied.read_bytes() == original.read_bytes()
     assert rewritten.read_bytes() == original.read_bytes()
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+def test_a_bool_mask_is_written_as_its_uint1_codes(tmp_path, n):
+    """Masks go in as bool arrays (no byte-per-element copy first): the same blob as their 0/1 codes."""
+    mask = np.random.default_rng(n).random(n) < 0.4
+    uint1 = BY_NAME["uint1"].code
+    with BlobWriter(tmp_path / "bool.bin") as w:
+        at = w.add(mask, uint1)
+    with BlobWriter(tmp_path / "codes.bin") as w:
+        assert w.add(mask.astype(np.uint8), uint1) == at
+    assert (tmp_path / "bool.bin").read_bytes() == (tmp_path / "codes.bin").read_bytes()
+    with BlobFile(tmp_path / "bool.bin") as f:
+        assert np.array_equal(f.array(at, uint1, n), mask.astype(np.uint8))
+    with pytest.raises(ValueError, match="uint2 values must be an integer array, got bool"):
+        BlobWriter(tmp_path / "other.bin").add(mask, BY_NAME["uint2"].code)
