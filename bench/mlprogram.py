@@ -484,6 +484,8 @@ def _warm(src: Path) -> None:
 
 
 def _in_fresh_process(task: str, src: Path, repeat: int, budget_s: float = float("inf")) -> tuple[dict, float]:
+    if repeat and hasattr(os, "sync"):  # start every measurement with no dirty pages of earlier ones to write back
+        os.sync()
     code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import mlprogram as b; "
             f"print(json.dumps(b.measure({task!r}, b.Path({str(src)!r}), {repeat}, float({str(budget_s)!r}))))")
     proc = subprocess.run([sys.executable, "-c", code + _HWM], capture_output=True, text=True)
@@ -639,9 +641,7 @@ def compress_bench(*, quick: bool, fresh_coremltools: bool = False, log=print) -
 
 
 def _compress_side(task: str, src: Path, repeat: int, budget: float, baseline: float | None, anon_baseline: float | None) -> dict:
-    if hasattr(os, "sync"):  # start every measurement with no dirty pages of earlier ones to write back
-        os.sync()
-    try:
+    try:  # (_in_fresh_process syncs first)
         res, peak = _in_fresh_process(task, src, repeat, budget)
     except RuntimeError as e:
         return {"error": str(e)}
@@ -788,7 +788,7 @@ def report_lines(r: dict) -> list[str]:
     lines = ["## ML programs (.mlpackage): open + inventory + unchanged save", "",
              "Packages: iOS18 fp32 chains of `linear` layers built with coremltools' MIL builder (EMPTY pass pipeline), cached in "
              f"`{r['cache']}`. Each side runs in a fresh process; imports are not timed; best of 3 runs (2 for the 2 GB package), "
-             "warm page cache. Peak RSS is the process's VmHWM; \"above\" subtracts a fresh process that only imported the same modules.",
+             "warm page cache, after os.sync() (no dirty pages of earlier measurements to write back). Peak RSS is the process's VmHWM; \"above\" subtracts a fresh process that only imported the same modules.",
              "I/O floor: read model.mlmodel + weight.bin, parse the protobuf (our proto.Model), one numpy max over every blob, "
              "serialize, write model.mlmodel + weight.bin + Manifest.json to a new directory.", "",
              "coremltools (import not timed): open+save = `MLModel(path, skip_model_load=True).save(out)`, which copies the package "

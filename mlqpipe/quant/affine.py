@@ -122,20 +122,21 @@ def _quantize_into(data, blocked, scale, zero_point, qmin, qmax) -> None:
     """data = clip(rint(blocked / scale) + zero_point, qmin, qmax), cast to data's integer type, a few rows of
     the blocked view at a time: one small float buffer instead of a weight-sized temporary (whose fresh pages
     cost more than the arithmetic). 0/0 of an all-zero block gives 0, as coremltools' cast does."""
-    rows = blocked.shape[0] if blocked.ndim else 1
+    if blocked.ndim == 0:  # a scalar weight: one row of one element
+        data, blocked, scale = data.reshape(1), blocked.reshape(1), scale.reshape(1)
+        zero_point = None if zero_point is None else zero_point.reshape(1)
+    rows = blocked.shape[0]
     step = max(1, _ROWS_CHUNK // max(1, blocked.size // max(rows, 1)))
     exact = bool(np.all(scale))  # no 0/0: whole numbers in range, clipped straight into the codes
-    buf = np.empty((min(step, rows),) + blocked.shape[1:], np.result_type(blocked, scale)) if blocked.ndim else None
+    buf = np.empty((min(step, rows),) + blocked.shape[1:], np.result_type(blocked, scale))
     for start in range(0, rows, step):
-        part = blocked[start:start + step] if blocked.ndim else blocked
-        q = buf[:len(part)] if blocked.ndim else np.empty_like(part, dtype=np.result_type(blocked, scale))
-        sc = _rows(scale, start, step)
+        part, out = blocked[start:start + step], data[start:start + step]
+        q = buf[:len(part)]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            np.divide(part, sc, out=q)
+            np.divide(part, _rows(scale, start, step), out=q)
             np.rint(q, out=q)  # round half to even, as np.round
             if zero_point is not None:
                 np.add(q, _rows(zero_point, start, step), out=q)
-        out = data[start:start + step] if blocked.ndim else data
         if exact:
             np.clip(q, qmin, qmax, out=out, casting="unsafe")
         else:

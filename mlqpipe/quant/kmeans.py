@@ -8,7 +8,7 @@ fp16 group has at most 65,536 distinct values, so the unique step is a histogram
 (the best split is monotone in the row; leftmost minimum on ties, as kmeans1d's SMAWK), one recursion level
 at a time for every segment of every group of a batch. Where setup.py could build it (a C compiler),
 mlqpipe.quant._kmeans1d runs the same DP compiled, group by group: the same float64 operations in the same
-order, so the same LUTs and indices, ~20x faster and with no fixed cost (lut._optimal_1d uses it too).
+order, so the same LUTs and indices, 10-20x faster and with no fixed cost (lut._optimal_1d uses it too).
 MLQPIPE_NO_COMPILED=1 or _COMPILED = False keeps numpy.
 
 Vector k-means (cluster_dim > 1, where coremltools runs scikit-learn's KMeans): Lloyd's algorithm from greedy
