@@ -22,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ class BlobFile:
     def _open(self) -> None:
         try:
             self._file = open(self.path, "rb")
+            weakref.finalize(self, self._file.close)  # a reader dropped without close() still closes its file
             self.size = os.fstat(self._file.fileno()).st_size
         except FileNotFoundError:
             raise self._refuse("the file does not exist", "the package is incomplete (re-export the model)") from None

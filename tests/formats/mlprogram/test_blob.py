@@ -499,3 +499,20 @@ def test_a_bool_mask_is_written_as_its_uint1_codes(tmp_path, n):
         assert np.array_equal(f.array(at, uint1, n), mask.astype(np.uint8))
     with pytest.raises(ValueError, match="uint2 values must be an integer array, got bool"):
         BlobWriter(tmp_path / "other.bin").add(mask, BY_NAME["uint2"].code)
+
+
+def test_a_reader_dropped_without_close_still_closes_its_file(tmp_path):
+    """A model nobody closes (its readers go with it) must not leak an open file (a ResourceWarning under -X dev)."""
+    import gc
+    import warnings
+
+    path = tmp_path / "w.bin"
+    with BlobWriter(path) as w:
+        at = w.add(np.arange(16, dtype=np.float32), BY_NAME["float32"].code)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader = BlobFile(path)
+        assert reader.array(at, BY_NAME["float32"].code, 16)[3] == 3
+        del reader
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
