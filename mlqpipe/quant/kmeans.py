@@ -37,14 +37,13 @@ def _fp16_key_tables() -> tuple[np.ndarray, np.ndarray]:
     raw = np.arange(_KEYS, dtype=np.uint32)
     raw[raw == 0x8000] = 0
     flip = np.where(raw & 0x8000, 0xFFFF, 0x8000).astype(np.uint32)
-    key = (raw ^ flip).astype(np.intp)
+    key = (raw ^ flip).astype(np.int64)  # int64: numpy indexes with it, and the compiled DP takes it as is
     value = np.zeros(_KEYS)
     value[key] = raw.astype(np.uint16).view(np.float16).astype(np.float64)
     return key, value
 
 
 _KEY_OF_RAW, _VALUE_OF_KEY = _fp16_key_tables()
-_KEY_OF_RAW_64 = _KEY_OF_RAW.astype(np.int64)  # the compiled DP's table type on every platform
 
 
 def kmeans1d_fp16(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +53,7 @@ def kmeans1d_fp16(groups: np.ndarray, nbits: int) -> tuple[np.ndarray, np.ndarra
         raw = np.ascontiguousarray(groups, dtype=np.float16).view(np.uint16)
         cents = np.zeros((len(raw), 1 << nbits))
         codes = np.empty(raw.shape, dtype=np.uint8)
-        native.cluster_fp16(raw, raw.shape[0], raw.shape[1], _KEY_OF_RAW_64, _VALUE_OF_KEY, 1 << nbits, cents, codes)
+        native.cluster_fp16(raw, raw.shape[0], raw.shape[1], _KEY_OF_RAW, _VALUE_OF_KEY, 1 << nbits, cents, codes)
         return cents.astype(np.float16), codes
     per = max(1, _UNIQUE_BUDGET // (_KEYS * 8))
     luts = np.zeros((len(groups), 1 << nbits), dtype=np.float16)

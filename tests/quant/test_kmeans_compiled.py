@@ -133,13 +133,13 @@ def test_env_var_and_a_missing_extension_use_numpy(monkeypatch):
 def test_buffers_of_the_wrong_size_or_keys_out_of_range_are_refused():
     raw = np.zeros(6, np.uint16)
     cents, codes = np.zeros(2 * 4), np.zeros(6, np.uint8)
-    args = [raw, 2, 3, K._KEY_OF_RAW_64, K._VALUE_OF_KEY, 4, cents, codes]
+    args = [raw, 2, 3, K._KEY_OF_RAW, K._VALUE_OF_KEY, 4, cents, codes]
     _native.cluster_fp16(*args)
     with pytest.raises(ValueError, match="raw: 12 bytes, expected 14"):
         _native.cluster_fp16(raw, 7, 1, *args[3:6], np.zeros(7 * 4), np.zeros(7, np.uint8))
     with pytest.raises(ValueError, match="cents: 64 bytes, expected 80"):
         _native.cluster_fp16(*args[:5], 5, cents, codes)
-    bad = K._KEY_OF_RAW_64.copy()
+    bad = K._KEY_OF_RAW.copy()
     bad[7] = 1 << 16
     with pytest.raises(ValueError, match="keys must lie in 0..65535"):
         _native.cluster_fp16(raw, 2, 3, bad, *args[4:])
