@@ -549,7 +549,7 @@ def write_output_action(recipe_path, input_path, options_dict):
     try:
         fmt = _input_format(job)
         chain = _chain_start(options, recipe, job)
-        input_sha256 = _input_digest(job.input)  # what the keys were chained from (hashed once, just now)
+        input_sha256 = _DIGESTS[str(job.input)][1]  # what _chain_start just chained the keys from
         cached = _final_from_cache(chain[0], chain[2], job.stages)
         if cached is not None:  # the input (a local file) and the final entry: no intermediate model is read
             (data, rows), keys, computed = cached, chain[2], False
